@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only; the stage code lives in tasks/."""

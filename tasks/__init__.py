@@ -1,0 +1,1 @@
+"""shrinkflow stages: each module is one pipeline stage, a pure function plus a thin main()."""

@@ -1,0 +1,35 @@
+"""Stage `distill`: the student architecture trained from the teacher (Hinton et al. 2015).
+
+Same architecture, initialisation and recipe as `train_student`; only the loss
+differs: soft targets from the teacher at temperature T, mixed with the labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.io import run_main
+from tasks.params import DistillParams, ModelParams, load_section
+from tasks.training import EpochCallback, Trained, finish, stage_arguments, train_model
+from tasks.validate import require_validated
+
+
+def distill(prepared_dir: Path, teacher_path: Path, student: ModelParams, params: DistillParams,
+            checkpoint: Path | None = None, on_epoch_end: EpochCallback | None = None) -> Trained:
+    return train_model(prepared_dir, student, role="distilled", checkpoint=checkpoint,
+                       teacher_path=teacher_path, distill=params, on_epoch_end=on_epoch_end)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_arguments(argv, with_teacher=True, description=__doc__)
+
+    def body() -> None:
+        require_validated(args.validation_result)
+        student, params = load_section("student", ModelParams), load_section("distill", DistillParams)
+        finish(distill(args.prepared_dir, args.teacher, student, params, args.checkpoint), args)
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

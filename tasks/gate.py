@@ -1,0 +1,88 @@
+"""Stage `gate`: declarative thresholds from params, a verdict per candidate.
+
+A failed gate does not fail the pipeline: the verdict and the reason for each
+failed threshold are recorded (and shown in the comparison table), and promotion
+refuses candidates that did not pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.io import read_json, run_main, write_json, write_text
+from tasks.params import GateParams, load_section
+
+
+def judge(metrics: dict, reference: dict, params: GateParams) -> list[str]:
+    """Reasons the candidate fails the gate; empty if it passes."""
+    failures = []
+    drop = 100 * (reference["accuracy"] - metrics["accuracy"])
+    if metrics["accuracy"] < params.min_accuracy:
+        failures.append(f"accuracy {metrics['accuracy']:.4f} < minimum {params.min_accuracy:.4f}")
+    if drop > params.max_accuracy_drop:
+        failures.append(f"accuracy drop {drop:.2f} points > maximum {params.max_accuracy_drop:.2f}")
+    if metrics["size_reduction"] < params.min_size_reduction:
+        failures.append(f"size reduction {metrics['size_reduction']:.1f}x < minimum {params.min_size_reduction:.1f}x")
+    if metrics["speedup"] < params.min_speedup:
+        failures.append(f"speed-up {metrics['speedup']:.2f}x < minimum {params.min_speedup:.2f}x")
+    return failures
+
+
+def gate(evaluation: dict, params: GateParams) -> dict:
+    models = evaluation["models"]
+    unknown = [c for c in params.candidates if c not in models]
+    if unknown:
+        raise ValueError(f"params.yaml:gate.candidates: {unknown} not evaluated; evaluated models: {sorted(models)}")
+    reference = models[evaluation["reference"]]
+    verdicts = {}
+    for name in params.candidates:
+        failures = judge(models[name], reference, params)
+        verdicts[name] = {"passed": not failures, "failures": failures}
+    return {"thresholds": {k: v for k, v in vars(params).items() if k != "candidates"}, "verdicts": verdicts}
+
+
+def comparison_table(evaluation: dict, verdicts: dict) -> str:
+    """Markdown table of every model: accuracy (CI), paired change vs the reference, size, speed, verdict."""
+    reference = evaluation["reference"]
+    header = ["model", "test accuracy (95% CI)", f"vs {reference} (McNemar p)", "macro-F1", "parameters",
+              "bytes", "size ×", "p50 ms", "p95 ms", "batch/s", "speed-up", "gate"]
+    rows = []
+    for name, m in evaluation["models"].items():
+        low, high = m["accuracy_ci95"]
+        paired = m.get("vs_" + reference)
+        change = (f"{paired['accuracy_change_points']:+.2f} pts (p={paired['mcnemar_p']:.3f}"
+                  f"{', significant' if paired['distinguishable'] else ', within noise'})") if paired else "reference"
+        verdict = verdicts.get(name)
+        status = "—" if verdict is None else "PASS" if verdict["passed"] else "FAIL: " + "; ".join(verdict["failures"])
+        rows.append([name, f"{100 * m['accuracy']:.2f}% [{100 * low:.2f}, {100 * high:.2f}]", change,
+                     f"{m['macro_f1']:.4f}", f"{m['parameters']:,}", f"{m['file_bytes']:,}",
+                     f"{m['size_reduction']:.1f}", f"{m['latency_ms_p50']:.3f}", f"{m['latency_ms_p95']:.3f}",
+                     f"{m['throughput_per_s']:,.0f}", f"{m['speedup']:.2f}", status])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    note = (f"\n{evaluation['test_samples']} test samples; latency at batch 1 and throughput at "
+            f"batch {evaluation['throughput_batch']} on {evaluation['threads']} CPU thread(s).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("evaluation", type=Path)
+    parser.add_argument("verdicts_out", type=Path)
+    parser.add_argument("table_out", type=Path)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        evaluation = read_json(args.evaluation)
+        result = gate(evaluation, load_section("gate", GateParams))
+        table = comparison_table(evaluation, result["verdicts"])
+        write_json(args.verdicts_out, result)
+        write_text(args.table_out, table)
+        print(table)
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Typed views of `params.yaml`, the single source of configuration.
+
+Each stage reads only its own section. Unknown keys and wrongly typed values are
+rejected with the file and the field named, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params.yaml section is missing a field, has an unknown one, or a bad value."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "digits"  # digits | npz | csv | idx
+    path: str = ""  # npz/csv file, or the IDX images file
+    labels_path: str = ""  # IDX labels file
+    label_column: str = "label"  # csv only
+    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    value_range: list[float] = field(default_factory=lambda: [0.0, 16.0])
+    split: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.6, "validation": 0.15, "test": 0.25}
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.source in ("digits", "npz", "csv", "idx"),
+                 f"source: must be digits, npz, csv or idx, got {self.source!r}")
+        _require(self.source == "digits" or bool(self.path), f"path: required for source {self.source!r}")
+        _require(self.source != "idx" or bool(self.labels_path), "labels_path: required for source 'idx'")
+        _require(len(set(self.classes)) == len(self.classes) >= 2,
+                 f"classes: need at least two distinct classes, got {self.classes}")
+        _require(all(d > 0 for d in self.input_shape), f"input_shape: sizes must be positive, got {self.input_shape}")
+        _require(len(self.value_range) == 2 and self.value_range[0] < self.value_range[1],
+                 f"value_range: must be [low, high] with low < high, got {self.value_range}")
+        _require(set(self.split) == {"train", "validation", "test"},
+                 f"split: needs exactly train, validation and test fractions, got {sorted(self.split)}")
+        _require(all(v > 0 for v in self.split.values()) and sum(self.split.values()) <= 1 + 1e-9,
+                 f"split: fractions must be positive and sum to at most 1, got {self.split}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    optimizer: str = "adam"  # sgd | adam
+    lr: float = 1e-3
+    # Samples per step; a value >= the train set size means full-batch gradient descent.
+    batch_size: int = 64
+    epochs: int = 10
+    seed: int = 0
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | constant
+    augment_shift: int = 0  # random translation in pixels, images only
+    threads: int = 2  # fixed so results are reproducible
+
+    def __post_init__(self) -> None:
+        _require(self.optimizer in ("sgd", "adam"), f"optimizer: must be sgd or adam, got {self.optimizer!r}")
+        _require(self.schedule in ("cosine", "constant"),
+                 f"schedule: must be cosine or constant, got {self.schedule!r}")
+        _require(self.lr > 0, f"lr: must be positive, got {self.lr}")
+        _require(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
+        _require(self.epochs >= 1, f"epochs: must be at least 1, got {self.epochs}")
+        _require(self.augment_shift >= 0, f"augment_shift: must be >= 0, got {self.augment_shift}")
+        _require(self.threads >= 1, f"threads: must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """`model`: the architecture spec; `train`: the recipe used to fit it."""
+
+    model: dict[str, Any]
+    train: TrainParams
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft-target loss; 1 - alpha goes to the hard labels
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
+        _require(0 <= self.alpha <= 1, f"alpha: must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threads: int = 1
+    warmup: int = 20
+    latency_repeats: int = 200
+    throughput_batch: int = 256
+    throughput_repeats: int = 20
+
+
+@dataclass(frozen=True)
+class GateParams:
+    candidates: list[str] = field(default_factory=lambda: ["student", "distilled"])
+    min_accuracy: float = 0.0
+    max_accuracy_drop: float = 100.0  # percentage points below the teacher
+    min_size_reduction: float = 1.0  # teacher bytes / candidate bytes
+    min_speedup: float = 0.0  # teacher p50 latency / candidate p50 latency
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)[:1]
+        return [_check_type(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        _, value_hint = typing.get_args(hint)
+        return {k: _check_type(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType) or hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and not (isinstance(value, hint) and not (
+        hint is int and isinstance(value, bool)
+    )):
+        raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """Build dataclass `cls` from a params mapping, naming the offending field on error."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ParamsError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{where}.{f.name}: required field is missing")
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = from_dict(hint, values[f.name], f"{where}.{f.name}")
+        else:
+            kwargs[f.name] = _check_type(values[f.name], hint, f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except ParamsError as e:
+        raise ParamsError(f"{where}.{e}") from None
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ParamsError(message)
+
+
+def load_section(section: str, cls: type, path: Path = PARAMS_FILE) -> Any:
+    """Read one section of params.yaml as dataclass `cls`."""
+    with open(path) as f:
+        params = yaml.safe_load(f) or {}
+    if section not in params:
+        raise ParamsError(f"{path}: section '{section}' is missing")
+    return from_dict(cls, params[section], f"{path}:{section}")
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)

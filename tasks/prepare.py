@@ -1,0 +1,194 @@
+"""Stage `prepare`: load the dataset named in params, normalise it, split it.
+
+Sources: sklearn's `digits` (the default, no download), an NPZ file (`X`, `y`),
+a CSV file (feature columns + a label column), or an IDX gzip pair like MNIST.
+Output: `X_<split>.npy` (float32) and `y_<split>.npy` (int64) for train, validation
+and test, and `schema.json` (sample shape, dtype, classes, split sizes). Plain .npy
+rather than .npz: zip entries carry timestamps, and equal data must hash equal.
+
+Problems that make the file unreadable raise `DataError` here; problems in
+readable data (NaN, labels outside the class set, ...) are left for `validate`,
+which reports all of them at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from tasks.io import atomic_path, run_main, write_json
+from tasks.params import DataParams, load_section
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """The input data cannot be read or is structurally wrong."""
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    return digits.images, digits.target
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"X", "y"} - set(f.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(f.files)}")
+            return f["X"], f["y"]
+    except DataError:
+        raise
+    except ValueError as e:
+        # allow_pickle=False refuses object arrays: text or mixed columns.
+        raise DataError(f"{path}: arrays must be numeric, not Python objects ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable NPZ file ({e or type(e).__name__})") from None
+
+
+def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if label_column not in frame.columns:
+        raise DataError(f"{path}: label column '{label_column}' not found; columns are {list(frame.columns)[:10]}")
+    features = frame.drop(columns=[label_column])
+    non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+    if non_numeric:
+        raise DataError(f"{path}: feature column(s) {non_numeric[:10]} are not numeric")
+    return features.to_numpy(), frame[label_column].to_numpy()
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzip-compressed): magic, dims, then the data."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e or 'truncated gzip stream'})") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: file is empty or too short for an IDX header")
+    zero, type_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: bad IDX magic number {raw[:4].hex()}")
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = header + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def load_source(params: DataParams) -> tuple[np.ndarray, np.ndarray]:
+    if params.source == "digits":
+        return load_digits()
+    path = Path(params.path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (params.yaml:data.path)")
+    if params.source == "npz":
+        return load_npz(path)
+    if params.source == "csv":
+        return load_csv(path, params.label_column)
+    labels_path = Path(params.labels_path)
+    if not labels_path.is_file():
+        raise DataError(f"{labels_path}: file not found (params.yaml:data.labels_path)")
+    return read_idx(path), read_idx(labels_path)
+
+
+def normalise(X: np.ndarray, y: np.ndarray, params: DataParams, origin: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale features to [0, 1] from the declared raw range; shape samples as declared."""
+    if X.ndim < 2 or len(X) == 0:
+        raise DataError(f"{origin}: X must hold at least one sample with features, got shape {X.shape}")
+    if y.ndim != 1 or len(y) != len(X):
+        raise DataError(f"{origin}: y must be one label per sample: X has {len(X)} samples, y has shape {y.shape}")
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise DataError(f"{origin}: X has dtype {X.dtype}; expected numbers")
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"{origin}: labels have dtype {y.dtype}; expected integers")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError(f"{origin}: labels must be whole numbers; found {y[~np.isfinite(y) | (y != np.round(y))][:5]}")
+    low, high = params.value_range
+    X = ((X.astype(np.float64) - low) / (high - low)).astype(np.float32)
+    per_sample = int(np.prod(X.shape[1:]))
+    # Samples whose size does not match the declared shape are kept flat, for validate to report.
+    shape = params.input_shape if per_sample == int(np.prod(params.input_shape)) else [per_sample]
+    return X.reshape(len(X), *shape), y.astype(np.int64)
+
+
+def stratified_split(y: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Seeded per-class split: each class is divided in the given proportions.
+
+    A class too small to reach every split is left missing there, for validate to report,
+    instead of being silently oversampled.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        n_test = int(round(len(members) * fractions["test"]))
+        n_val = int(round(len(members) * fractions["validation"]))
+        n_train = min(len(members) - n_test - n_val, int(round(len(members) * fractions["train"])))
+        parts["test"].append(members[:n_test])
+        parts["validation"].append(members[n_test : n_test + n_val])
+        parts["train"].append(members[n_test + n_val : n_test + n_val + n_train])
+    return {s: np.sort(np.concatenate(parts[s])) for s in SPLITS}
+
+
+def prepare(params: DataParams) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Load, normalise and split; returns the arrays per split and the schema."""
+    origin = params.path or f"sklearn {params.source}"
+    X, y = normalise(*load_source(params), params, origin)
+    index = stratified_split(y, params.split, params.seed)
+    splits = {s: {"X": X[idx], "y": y[idx]} for s, idx in index.items()}
+    schema = {
+        "source": params.source,
+        "input_shape": list(X.shape[1:]),
+        "dtype": str(X.dtype),
+        "label_dtype": str(y.dtype),
+        "classes": params.classes,
+        "value_range": [0.0, 1.0],
+        "sizes": {s: int(len(idx)) for s, idx in index.items()},
+    }
+    return splits, schema
+
+
+def write_prepared(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], schema: dict) -> None:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name, arrays in splits.items():
+            for key, array in arrays.items():
+                np.save(tmp / f"{key}_{name}.npy", array)
+        write_json(tmp / "schema.json", schema)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        splits, schema = prepare(load_section("data", DataParams))
+        write_prepared(args.out_dir, splits, schema)
+        print(f"prepared {schema['sizes']} samples of shape {schema['input_shape']} -> {args.out_dir}")
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

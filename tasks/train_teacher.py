@@ -1,0 +1,29 @@
+"""Stage `train_teacher`: the large model, trained on labels alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.io import run_main
+from tasks.params import ModelParams, load_section
+from tasks.training import EpochCallback, Trained, finish, stage_arguments, train_model
+from tasks.validate import require_validated
+
+
+def train_teacher(prepared_dir: Path, params: ModelParams, checkpoint: Path | None = None,
+                  on_epoch_end: EpochCallback | None = None) -> Trained:
+    return train_model(prepared_dir, params, role="teacher", checkpoint=checkpoint, on_epoch_end=on_epoch_end)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_arguments(argv, with_teacher=False, description=__doc__)
+
+    def body() -> None:
+        require_validated(args.validation_result)
+        finish(train_teacher(args.prepared_dir, load_section("teacher", ModelParams), args.checkpoint), args)
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Training: it learns, it is deterministic, it resumes after a crash, weights load safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from tasks.distill import distill
+from tasks.io import file_sha256
+from tasks.models import build_model, load_model, read_config, save_model
+from tasks.params import DistillParams, ParamsError, TrainParams
+from tasks.train_student import train_student
+from tasks.train_teacher import train_teacher
+from tasks.training import distillation_loss, load_split, predict_logits, shift_images
+from tests.conftest import distill_params, model_params
+
+
+def test_accuracy(model: nn.Module, prepared_dir) -> float:
+    test = load_split(prepared_dir, "test", list(range(10)))
+    return float((predict_logits(model, test.X).argmax(1) == test.y).float().mean())
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+def test_teacher_learns_and_round_trips_through_safetensors(digits_dir, teacher_path):
+    model, config = load_model(teacher_path)
+    assert test_accuracy(model, digits_dir) > 0.8
+    assert config["role"] == "teacher" and config["model"]["arch"] == "cnn"
+    assert config["train"]["epochs"] == 4 and config["classes"] == list(range(10))
+    assert set(config["lineage"]["data_sha256"]) == {"train", "validation", "test"}
+    assert set(load_file(str(teacher_path))) == set(model.state_dict())
+
+
+def test_same_params_and_data_give_byte_identical_weights(digits_dir, tmp_path):
+    for name in ("a", "b"):
+        trained = train_teacher(digits_dir, model_params("teacher", epochs=2))
+        save_model(trained.model, tmp_path / f"{name}.safetensors", trained.config)
+    assert file_sha256(tmp_path / "a.safetensors") == file_sha256(tmp_path / "b.safetensors")
+    other = train_teacher(digits_dir, model_params("teacher", epochs=2, seed=1))
+    save_model(other.model, tmp_path / "c.safetensors", other.config)
+    assert file_sha256(tmp_path / "c.safetensors") != file_sha256(tmp_path / "a.safetensors")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_training_resumes_from_last_checkpoint(digits_dir, tmp_path):
+    params = model_params("teacher", epochs=4)
+    checkpoint = tmp_path / "teacher.pt"
+
+    def crash_after_second_epoch(epoch, _row):
+        if epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_teacher(digits_dir, params, checkpoint, on_epoch_end=crash_after_second_epoch)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 2
+
+    epochs_run = []
+    resumed = train_teacher(digits_dir, params, checkpoint, on_epoch_end=lambda e, _: epochs_run.append(e))
+    assert epochs_run == [3, 4]
+    uninterrupted = train_teacher(digits_dir, params)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_checkpoint_of_other_params_is_not_resumed(digits_dir, tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    train_teacher(digits_dir, model_params("teacher", epochs=1), checkpoint)
+    epochs_run = []
+    train_teacher(digits_dir, model_params("teacher", epochs=2, lr=0.02), checkpoint,
+                  on_epoch_end=lambda e, _: epochs_run.append(e))
+    assert epochs_run == [1, 2]
+
+
+@pytest.mark.parametrize("optimizer, batch_size, epochs, lr", [
+    ("sgd", 1, 1, 0.01),  # per-sample SGD
+    ("sgd", 100_000, 60, 0.5),  # batch gradient descent: one step per epoch
+    ("adam", 32, 2, 0.01),
+])
+def test_per_sample_mini_batch_and_full_batch_training(digits_dir, optimizer, batch_size, epochs, lr):
+    params = model_params("student", optimizer=optimizer, batch_size=batch_size, epochs=epochs, lr=lr)
+    trained = train_student(digits_dir, params)
+    assert trained.history[0]["train_loss"] > 0
+    assert test_accuracy(trained.model, digits_dir) > 0.3  # far above the 0.1 of chance
+
+
+def test_distilled_student_records_its_teacher(digits_dir, teacher_path):
+    trained = distill(digits_dir, teacher_path, model_params("student"), distill_params())
+    assert trained.config["lineage"]["teacher_sha256"] == file_sha256(teacher_path)
+    assert trained.config["distill"] == {"temperature": 4.0, "alpha": 0.7}
+    assert test_accuracy(trained.model, digits_dir) > 0.5
+
+
+def test_distillation_loss_reduces_to_its_parts():
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    hard_only = distillation_loss(logits, torch.randn(8, 10), labels, DistillParams(temperature=3.0, alpha=0.0))
+    assert torch.allclose(hard_only, F.cross_entropy(logits, labels))
+    same = distillation_loss(logits, logits.clone(), labels, DistillParams(temperature=3.0, alpha=1.0))
+    assert same.abs() < 1e-6
+
+
+def test_shift_moves_images_without_wrapping():
+    x = torch.zeros(64, 1, 5, 5)
+    x[:, 0, 2, 2] = 1.0
+    shifted = shift_images(x, 1, torch.Generator().manual_seed(0))
+    assert torch.all(shifted.sum(dim=(1, 2, 3)) == 1)  # one bright pixel, moved by at most one
+    assert shifted[:, 0, 1:4, 1:4].sum() == 64
+    assert not torch.equal(shifted, x)
+
+
+def user_model(input_shape, n_classes, width=4):
+    """A user-supplied architecture, referenced as 'tests.test_training:user_model'."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width),
+                         nn.ReLU(), nn.Linear(width, n_classes))
+
+
+def test_user_architecture_by_module_path(digits_dir, tmp_path):
+    params = model_params("student", epochs=1)
+    params = type(params)(model={"arch": "tests.test_training:user_model", "width": 8}, train=params.train)
+    trained = train_student(digits_dir, params)
+    save_model(trained.model, tmp_path / "user.safetensors", trained.config)
+    model, _ = load_model(tmp_path / "user.safetensors")
+    assert model[1].out_features == 8
+    assert read_config(tmp_path / "user.safetensors")["model"]["arch"] == "tests.test_training:user_model"
+
+
+@pytest.mark.parametrize("spec, shape, expected", [
+    ({"arch": "resnet9000"}, [1, 8, 8], "unknown architecture 'resnet9000'"),
+    ({"arch": "nowhere.module:fn"}, [1, 8, 8], "cannot import 'nowhere.module:fn'"),
+    ({"arch": "cnn"}, [64], "needs image input"),
+    ({"arch": "cnn", "channels": [4, 4, 4, 4]}, [1, 8, 8], "shrink a [8, 8] image to nothing"),
+    ({"arch": "mlp", "depth": 3}, [64], "bad options {'depth': 3}"),
+])
+def test_bad_architecture_specs_are_named(spec, shape, expected):
+    with pytest.raises(ParamsError) as error:
+        build_model(spec, shape, 10)
+    assert expected in str(error.value)
+
+
+def test_bad_recipe_is_rejected_by_field():
+    with pytest.raises(ParamsError, match="optimizer: must be sgd or adam"):
+        TrainParams(optimizer="rmsprop")
+    with pytest.raises(ParamsError, match="batch_size: must be at least 1"):
+        TrainParams(batch_size=0)
