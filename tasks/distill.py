@@ -20,16 +20,13 @@ def distill(prepared_dir: Path, teacher_path: Path, student: ModelParams, params
                        teacher_path=teacher_path, distill=params, on_epoch_end=on_epoch_end)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=True, description=__doc__)
-
-    def body() -> None:
-        require_validated(args.validation_result)
-        student, params = load_section("student", ModelParams), load_section("distill", DistillParams)
-        finish(distill(args.prepared_dir, args.teacher, student, params, args.checkpoint), args)
-
-    run_main(body)
+    require_validated(args.validation_result)
+    student, params = load_section("student", ModelParams), load_section("distill", DistillParams)
+    finish(distill(args.prepared_dir, args.teacher, student, params, args.checkpoint), args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

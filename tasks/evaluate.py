@@ -129,25 +129,22 @@ def write_predictions(path: Path, predictions: dict[str, np.ndarray], classes: l
         writer.writerows(zip(*(np.asarray(classes)[p] for p in predictions.values())))
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("metrics_out", type=Path)
     parser.add_argument("predictions_out", type=Path)
     parser.add_argument("models", nargs="+", metavar="NAME=PATH", help="first one is the reference")
     args = parser.parse_args(argv)
-
-    def body() -> None:
-        model_paths = dict(item.split("=", 1) for item in args.models)
-        summary, predictions = evaluate(args.prepared_dir, {k: Path(v) for k, v in model_paths.items()},
-                                        load_section("evaluate", EvaluateParams), reference=next(iter(model_paths)))
-        classes = read_json(args.prepared_dir / "schema.json")["classes"]
-        write_predictions(args.predictions_out, predictions, classes)
-        write_json(args.metrics_out, summary)
-        print(f"evaluated {list(model_paths)} on {summary['test_samples']} test samples -> {args.metrics_out}")
-
-    run_main(body)
+    model_paths = dict(item.split("=", 1) for item in args.models)
+    summary, predictions = evaluate(args.prepared_dir, {k: Path(v) for k, v in model_paths.items()},
+                                    load_section("evaluate", EvaluateParams), reference=next(iter(model_paths)))
+    classes = read_json(args.prepared_dir / "schema.json")["classes"]
+    write_predictions(args.predictions_out, predictions, classes)
+    write_json(args.metrics_out, summary)
+    print(f"evaluated {list(model_paths)} on {summary['test_samples']} test samples -> {args.metrics_out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

@@ -66,23 +66,20 @@ def comparison_table(evaluation: dict, verdicts: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("evaluation", type=Path)
     parser.add_argument("verdicts_out", type=Path)
     parser.add_argument("table_out", type=Path)
     args = parser.parse_args(argv)
-
-    def body() -> None:
-        evaluation = read_json(args.evaluation)
-        result = gate(evaluation, load_section("gate", GateParams))
-        table = comparison_table(evaluation, result["verdicts"])
-        write_json(args.verdicts_out, result)
-        write_text(args.table_out, table)
-        print(table)
-
-    run_main(body)
+    evaluation = read_json(args.evaluation)
+    result = gate(evaluation, load_section("gate", GateParams))
+    table = comparison_table(evaluation, result["verdicts"])
+    write_json(args.verdicts_out, result)
+    write_text(args.table_out, table)
+    print(table)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

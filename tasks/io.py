@@ -76,10 +76,14 @@ def read_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     )
 
 
-def run_main(body: Callable[[], None]) -> None:
-    """Run a stage's main; expected failures (bad input, bad params) exit 1 with one clear line."""
+# Exit status of a stage that rejected its input or params: rerunning it cannot help.
+EXIT_REJECTED = 3
+
+
+def run_main(run: Callable[[], None]) -> None:
+    """Run a stage from the command line; bad input or params exit EXIT_REJECTED with one clear message."""
     try:
-        body()
+        run()
     except ValueError as e:  # DataError, ParamsError, ValidationFailed are ValueErrors
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_REJECTED)

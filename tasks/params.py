@@ -64,6 +64,7 @@ class TrainParams:
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine | constant
     augment_shift: int = 0  # random translation in pixels, images only
+    mixup: float = 0.0  # Beta(mixup, mixup) mixing of sample pairs (Zhang et al. 2018); 0 = off
     threads: int = 2  # fixed so results are reproducible
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class TrainParams:
         _require(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
         _require(self.epochs >= 1, f"epochs: must be at least 1, got {self.epochs}")
         _require(self.augment_shift >= 0, f"augment_shift: must be >= 0, got {self.augment_shift}")
+        _require(self.mixup >= 0, f"mixup: must be >= 0, got {self.mixup}")
         _require(self.threads >= 1, f"threads: must be at least 1, got {self.threads}")
 
 
@@ -111,6 +113,23 @@ class GateParams:
     max_accuracy_drop: float = 100.0  # percentage points below the teacher
     min_size_reduction: float = 1.0  # teacher bytes / candidate bytes
     min_speedup: float = 0.0  # teacher p50 latency / candidate p50 latency
+
+
+@dataclass(frozen=True)
+class OrchestrationParams:
+    """How the Prefect flow runs the stages; no stage output depends on it."""
+
+    task_runner: str = "thread"  # thread | dask (each stage runs in its own process either way)
+    workers: int = 2
+    dask_address: str = ""  # an existing Dask scheduler (production); empty: a local cluster
+    retries: int = 2  # for failures that may pass on a retry (I/O, storage); never for bad data
+    retry_delay_seconds: float = 2.0  # doubled on every retry
+
+    def __post_init__(self) -> None:
+        _require(self.task_runner in ("thread", "dask"),
+                 f"task_runner: must be thread or dask, got {self.task_runner!r}")
+        _require(self.workers >= 1, f"workers: must be at least 1, got {self.workers}")
+        _require(self.retries >= 0, f"retries: must be >= 0, got {self.retries}")
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

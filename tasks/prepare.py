@@ -177,18 +177,15 @@ def write_prepared(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], sche
         write_json(tmp / "schema.json", schema)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
-
-    def body() -> None:
-        splits, schema = prepare(load_section("data", DataParams))
-        write_prepared(args.out_dir, splits, schema)
-        print(f"prepared {schema['sizes']} samples of shape {schema['input_shape']} -> {args.out_dir}")
-
-    run_main(body)
+    splits, schema = prepare(load_section("data", DataParams))
+    write_prepared(args.out_dir, splits, schema)
+    print(f"prepared {schema['sizes']} samples of shape {schema['input_shape']} -> {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

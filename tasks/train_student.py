@@ -19,15 +19,12 @@ def train_student(prepared_dir: Path, params: ModelParams, checkpoint: Path | No
     return train_model(prepared_dir, params, role="student", checkpoint=checkpoint, on_epoch_end=on_epoch_end)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=False, description=__doc__)
-
-    def body() -> None:
-        require_validated(args.validation_result)
-        finish(train_student(args.prepared_dir, load_section("student", ModelParams), args.checkpoint), args)
-
-    run_main(body)
+    require_validated(args.validation_result)
+    finish(train_student(args.prepared_dir, load_section("student", ModelParams), args.checkpoint), args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

@@ -77,13 +77,31 @@ def make_optimizer(model: nn.Module, recipe: TrainParams) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
+Mix = tuple[float, torch.Tensor] | None  # (weight of the sample, index of its partner) or no mixup
+
+
+def mixup_pairs(n: int, concentration: float, generator: torch.Generator) -> Mix:
+    """Draw a mixing weight from Beta(c, c) and a partner for every sample; None when mixup is off."""
+    if concentration == 0:
+        return None
+    weight = torch.distributions.Beta(concentration, concentration).sample()  # global RNG: checkpointed
+    return float(weight), torch.randperm(n, generator=generator)
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, mix: Mix = None) -> torch.Tensor:
+    if mix is None:
+        return F.cross_entropy(logits, labels)
+    weight, partner = mix
+    return weight * F.cross_entropy(logits, labels) + (1 - weight) * F.cross_entropy(logits, labels[partner])
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      params: DistillParams) -> torch.Tensor:
+                      params: DistillParams, mix: Mix = None) -> torch.Tensor:
     """Hinton et al. 2015: soft-target KL at temperature T (scaled by T^2) mixed with hard-label CE."""
     t = params.temperature
     soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
-    return params.alpha * soft + (1 - params.alpha) * F.cross_entropy(logits, labels)
+    return params.alpha * soft + (1 - params.alpha) * hard_label_loss(logits, labels, mix)
 
 
 @torch.no_grad()
@@ -145,15 +163,19 @@ def fit(
             if x.dim() == 4:
                 x = shift_images(x, recipe.augment_shift, data_rng)
             y = train.y[idx]
+            mix = mixup_pairs(len(idx), recipe.mixup, data_rng)
+            if mix is not None:
+                weight, partner = mix
+                x = weight * x + (1 - weight) * x[partner]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + i, total_steps)
             logits = model(x)
             if teacher is not None and distill is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)  # the teacher sees the same augmented batch
-                loss = distillation_loss(logits, teacher_logits, y, distill)
+                loss = distillation_loss(logits, teacher_logits, y, distill, mix)
             else:
-                loss = F.cross_entropy(logits, y)
+                loss = hard_label_loss(logits, y, mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -150,19 +150,16 @@ def require_validated(result_path: Path) -> None:
         raise ValidationFailed(f"{result_path}: data has not passed validation; run the validate stage first")
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> None:
+    """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("result", type=Path)
     parser.add_argument("docs_dir", type=Path)
     args = parser.parse_args(argv)
-
-    def body() -> None:
-        summary = run_validation(args.prepared_dir, load_section("data", DataParams), args.result, args.docs_dir)
-        print(f"validation passed: {len(summary['checks'])} checks -> {args.result}")
-
-    run_main(body)
+    summary = run_validation(args.prepared_dir, load_section("data", DataParams), args.result, args.docs_dir)
+    print(f"validation passed: {len(summary['checks'])} checks -> {args.result}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(run)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.params import DataParams, DistillParams, ModelParams, TrainParams, from_dict
 from tasks.prepare import prepare, write_prepared
-
-ROOT = Path(__file__).resolve().parents[1]
+from tasks.workspace import copy_pipeline
 
 RECIPE = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 3, "seed": 0, "augment_shift": 1, "threads": 1}
 TINY_PARAMS = {
@@ -27,6 +24,7 @@ TINY_PARAMS = {
     "evaluate": {"threads": 1, "warmup": 2, "latency_repeats": 20, "throughput_batch": 32, "throughput_repeats": 2},
     "gate": {"candidates": ["student", "distilled"], "min_accuracy": 0.5, "max_accuracy_drop": 50.0,
              "min_size_reduction": 2.0, "min_speedup": 0.0},
+    "orchestration": {"task_runner": "thread", "workers": 2, "retries": 1, "retry_delay_seconds": 0.1},
 }
 
 
@@ -78,20 +76,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-def write_params(directory: Path, params: dict) -> None:
-    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
     """A fresh git + DVC repo holding this project's pipeline, with tiny params."""
-    repo = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name.startswith(("tasks/", "data/raw/", ".dvc/")) or name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    write_params(repo, tiny_params())
-    run(["git", "init", "-q"], repo)
-    return repo
+    return copy_pipeline(tmp_path / "repo", tiny_params())

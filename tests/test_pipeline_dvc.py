@@ -8,7 +8,8 @@ import re
 import numpy as np
 import yaml
 
-from tests.conftest import run, tiny_params, write_params
+from tasks.workspace import write_params
+from tests.conftest import run, tiny_params
 
 
 def stages_run(output: str) -> list[str]:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from tasks.params import DataParams, ParamsError, from_dict
-from tasks.prepare import DataError, main, prepare, stratified_split
-from tests.conftest import TINY_PARAMS, write_params
+from tasks.io import EXIT_REJECTED, run_main
+from tasks.prepare import prepare, run, stratified_split
+from tasks.workspace import write_params
+from tests.conftest import TINY_PARAMS
 
 
 def data_params(**overrides) -> DataParams:
@@ -98,8 +100,8 @@ def test_unreadable_input_is_rejected_by_name_and_writes_nothing(tmp_path, capsy
     for overrides, expected in cases:
         write_params(tmp_path, {"data": {**TINY_PARAMS["data"], **overrides}})
         with pytest.raises(SystemExit) as exit_info:
-            main(["prepared"])
-        assert exit_info.value.code == 1
+            run_main(lambda: run(["prepared"]))
+        assert exit_info.value.code == EXIT_REJECTED
         message = capsys.readouterr().err
         assert expected in message, (overrides, message)
         assert not (tmp_path / "prepared").exists()

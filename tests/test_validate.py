@@ -11,7 +11,8 @@ import pytest
 from tasks.io import read_split
 from tasks.params import DataParams, from_dict
 from tasks.validate import ValidationFailed, require_validated, run_validation
-from tests.conftest import TINY_PARAMS, write_params
+from tasks.workspace import write_params
+from tests.conftest import TINY_PARAMS
 
 DATA = from_dict(DataParams, TINY_PARAMS["data"], "data")
 
@@ -100,16 +101,14 @@ def test_sample_in_train_and_test_is_found(digits_dir, tmp_path):
         run_validation(prepared, DATA, tmp_path / "validation.json", tmp_path / "docs")
 
 
-def test_failed_validation_stops_training_and_writes_no_model(digits_dir, tmp_path, monkeypatch, capsys):
+def test_failed_validation_stops_training_and_writes_no_model(digits_dir, tmp_path, monkeypatch):
     from tasks import train_teacher, validate
 
     prepared = corrupted_copy(digits_dir, tmp_path, "train", set_nan)
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, TINY_PARAMS)
-    with pytest.raises(SystemExit):
-        validate.main([str(prepared), "validation.json", "docs"])
-    assert "features have no NaN or inf" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train_teacher.main([str(prepared), "validation.json", "teacher.safetensors", "curves.csv", "metrics.json"])
-    assert "has not passed validation" in capsys.readouterr().err
+    with pytest.raises(ValidationFailed, match="features have no NaN or inf"):
+        validate.run([str(prepared), "validation.json", "docs"])
+    with pytest.raises(ValidationFailed, match="has not passed validation"):
+        train_teacher.run([str(prepared), "validation.json", "teacher.safetensors", "curves.csv", "metrics.json"])
     assert not (tmp_path / "teacher.safetensors").exists()

@@ -1,0 +1,169 @@
+"""Prefect flow over the DVC stage graph: same stages, same code, same outputs as `dvc repro`.
+
+The flow asks DVC which stages are stale (`dvc status`), runs those and everything
+downstream of them as Prefect tasks (independent branches in parallel on the
+configured task runner, each stage in its own process as under `dvc repro`), then
+records the outputs in dvc.lock with `dvc commit`, so `dvc status` is clean
+afterwards and `dvc repro` reruns nothing.
+
+    python -m flows.pipeline [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from flows.stages import load_stages, topological_order, upstream, with_downstream
+from tasks.io import EXIT_REJECTED
+from tasks.params import OrchestrationParams, load_section
+
+CANDIDATES_ARTIFACT = "shrinkflow-candidates"
+GATE_ARTIFACT = "shrinkflow-gate"
+VALIDATION_ARTIFACT = "shrinkflow-validation"
+
+
+class StageFailed(RuntimeError):
+    """A stage crashed; a retry may succeed (storage, network, memory)."""
+
+
+class StageRejected(ValueError):
+    """A stage rejected its input or params; it would fail the same way again."""
+
+
+def retry_unless_rejected(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageRejected:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(retry_condition_fn=retry_unless_rejected)
+def run_stage(name: str, module: str, argv: list[str]) -> None:
+    """Run one dvc.yaml stage as its own process, exactly as `dvc repro` runs it.
+
+    A process per stage keeps parallel branches from sharing torch's global RNG
+    and thread settings, so outputs are byte-identical to `dvc repro`'s.
+    """
+    logger = get_run_logger()
+    env = dict(os.environ, TQDM_DISABLE="1")  # progress bars are noise in the run log
+    process = subprocess.run([sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True)
+    for line in process.stdout.splitlines():
+        logger.info(line)
+    if process.returncode == EXIT_REJECTED:
+        raise StageRejected(f"stage {name}: {process.stderr.strip().removeprefix('error: ')}")
+    if process.returncode != 0:
+        raise StageFailed(f"stage {name} exited with {process.returncode}:\n{process.stderr[-4000:]}")
+
+
+def stale_stages() -> set[str]:
+    """Stages whose deps, params or outs differ from dvc.lock (or that never ran)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return set(repo.status())
+
+
+def record_in_dvc_lock(stage_names: list[str]) -> None:
+    """`dvc commit`: hash the outputs, store them in the cache and write dvc.lock."""
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *stage_names], check=True)
+
+
+def make_task_runner(params: OrchestrationParams) -> TaskRunner:
+    if params.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if params.dask_address:
+            return DaskTaskRunner(address=params.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=params.workers)
+
+
+def publish_artifacts() -> None:
+    """Comparison table and gate verdicts under stable keys, so the UI keeps their history."""
+    evaluation = json.loads(Path("reports/evaluation.json").read_text())
+    verdicts = json.loads(Path("reports/gate.json").read_text())["verdicts"]
+    rows = []
+    for name, m in evaluation["models"].items():
+        verdict = verdicts.get(name)
+        rows.append({
+            "model": name, "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+            "parameters": m["parameters"], "bytes": m["file_bytes"], "size_reduction": round(m["size_reduction"], 2),
+            "latency_ms_p50": round(m["latency_ms_p50"], 4), "speedup": round(m["speedup"], 2),
+            "gate": "reference" if verdict is None else "PASS" if verdict["passed"] else "FAIL",
+        })
+    create_table_artifact(rows, key=CANDIDATES_ARTIFACT, description="Every model against the teacher")
+    create_markdown_artifact(Path("reports/comparison.md").read_text() + "\n" + "\n".join(
+        f"- **{name}**: " + ("passed" if v["passed"] else "failed: " + "; ".join(v["failures"]))
+        for name, v in verdicts.items()), key=GATE_ARTIFACT, description="Gate verdicts and reasons")
+
+
+def publish_validation_failure() -> None:
+    result = json.loads(Path("reports/validation.json").read_text())
+    create_markdown_artifact("# Data validation failed\n\n" + "\n".join(f"- {f}" for f in result["failures"])
+                             + "\n\nGX Data Docs: `reports/data_docs/index.html`",
+                             key=VALIDATION_ARTIFACT, description="Failed expectations; nothing was trained")
+
+
+@flow(name="shrinkflow-stages")
+def run_stages(names: list[str], retries: int, retry_delay_seconds: float) -> list[str]:
+    """Run the given stages in dependency order, in parallel where the graph allows; record them in dvc.lock."""
+    stages = load_stages()
+    parents = upstream(stages)
+    stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds))
+    futures = {}
+    for name in topological_order(stages):
+        if name in names:
+            waits = [futures[p] for p in parents[name] if p in futures]
+            futures[name] = stage_task.with_options(name=name).submit(name, stages[name].module, stages[name].argv,
+                                                                      wait_for=waits)
+    wait(list(futures.values()))
+    completed = [name for name, future in futures.items() if future.state.is_completed()]
+    if completed:
+        record_in_dvc_lock(completed)
+    for name, future in futures.items():
+        if future.state.is_failed():
+            if name == "validate":
+                publish_validation_failure()
+            future.result()  # raises the stage's own error
+    return completed
+
+
+@flow(name="shrinkflow-pipeline", log_prints=True)
+def pipeline(force: bool = False) -> list[str]:
+    """Bring every stage up to date (all of them with `force`); returns the stages that ran."""
+    params = load_section("orchestration", OrchestrationParams)
+    stages = load_stages()
+    names = set(stages) if force else with_downstream(stages, stale_stages())
+    if not names:
+        print("all stages are up to date; nothing to run")
+        return []
+    print(f"running {sorted(names)} on the {params.task_runner} task runner")
+    ran = run_stages.with_options(task_runner=make_task_runner(params))(
+        sorted(names), params.retries, params.retry_delay_seconds)
+    publish_artifacts()
+    return ran
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="run every stage, stale or not")
+    pipeline(force=parser.parse_args().force)
+
+
+if __name__ == "__main__":
+    main()
