@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.toml")
+PIPELINE_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.toml", "prefect.yaml")
 PIPELINE_DIRS = ("tasks/", "flows/", "data/raw/", ".dvc/")
 
 
