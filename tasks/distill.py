@@ -24,7 +24,8 @@ def run(argv: list[str] | None = None) -> None:
     """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=True, description=__doc__)
     require_validated(args.validation_result)
-    student, params = load_section("student", ModelParams), load_section("distill", DistillParams)
+    student = load_section("student", ModelParams, args.params)
+    params = load_section("distill", DistillParams, args.params)
     finish(distill(args.prepared_dir, args.teacher, student, params, args.checkpoint), args)
 
 

@@ -132,6 +132,30 @@ class OrchestrationParams:
         _require(self.retries >= 0, f"retries: must be >= 0, got {self.retries}")
 
 
+@dataclass(frozen=True)
+class SweepParams:
+    """Teacher hyper-parameter search (flows/sweep.py) over fields of `teacher.train`."""
+
+    method: str = "grid"  # grid: every combination; random: `trials` draws
+    trials: int = 4
+    seed: int = 0
+    # field -> list of values, or (random only) {min: .., max: .., log: true|false}
+    space: dict[str, Any] = field(default_factory=lambda: {"lr": [0.001, 0.003]})
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("grid", "random"), f"method: must be grid or random, got {self.method!r}")
+        _require(self.trials >= 1, f"trials: must be at least 1, got {self.trials}")
+        known = {f.name for f in dataclasses.fields(TrainParams)}
+        _require(bool(self.space) and set(self.space) <= known,
+                 f"space: keys must be fields of teacher.train {sorted(known)}, got {sorted(self.space)}")
+        for name, values in self.space.items():
+            if isinstance(values, dict):
+                _require(self.method == "random" and set(values) <= {"min", "max", "log"} and values["min"] < values["max"],
+                         f"space.{name}: a range {{min, max, log}} with min < max, for method random only")
+            else:
+                _require(isinstance(values, list) and len(values) > 0, f"space.{name}: a non-empty list of values")
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):

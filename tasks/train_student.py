@@ -23,7 +23,7 @@ def run(argv: list[str] | None = None) -> None:
     """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=False, description=__doc__)
     require_validated(args.validation_result)
-    finish(train_student(args.prepared_dir, load_section("student", ModelParams), args.checkpoint), args)
+    finish(train_student(args.prepared_dir, load_section("student", ModelParams, args.params), args.checkpoint), args)
 
 
 if __name__ == "__main__":

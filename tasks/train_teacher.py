@@ -19,7 +19,7 @@ def run(argv: list[str] | None = None) -> None:
     """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=False, description=__doc__)
     require_validated(args.validation_result)
-    finish(train_teacher(args.prepared_dir, load_section("teacher", ModelParams), args.checkpoint), args)
+    finish(train_teacher(args.prepared_dir, load_section("teacher", ModelParams, args.params), args.checkpoint), args)
 
 
 if __name__ == "__main__":

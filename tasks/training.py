@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tasks.io import atomic_path, file_sha256, read_json, read_split, write_json
 from tasks.models import build_model, count_parameters, load_model, save_model
-from tasks.params import DistillParams, ModelParams, TrainParams, as_dict
+from tasks.params import PARAMS_FILE, DistillParams, ModelParams, TrainParams, as_dict
 from tasks.validate import require_validated
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -264,6 +264,7 @@ def stage_arguments(argv: list[str] | None, *, with_teacher: bool, description: 
     parser.add_argument("curves_out", type=Path)
     parser.add_argument("metrics_out", type=Path)
     parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     return parser.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ TINY_PARAMS = {
     "gate": {"candidates": ["student", "distilled"], "min_accuracy": 0.5, "max_accuracy_drop": 50.0,
              "min_size_reduction": 2.0, "min_speedup": 0.0},
     "orchestration": {"task_runner": "thread", "workers": 2, "retries": 1, "retry_delay_seconds": 0.1},
+    "sweep": {"method": "grid", "space": {"lr": [0.003, 0.01], "seed": [0, 1]}},
 }
 
 

@@ -12,6 +12,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import CANDIDATES_ARTIFACT, GATE_ARTIFACT, VALIDATION_ARTIFACT, StageRejected, pipeline
 from flows.stages import load_stages
+from flows.sweep import SWEEP_ARTIFACT, sweep, trial_settings
+from tasks.io import file_sha256
+from tasks.params import SweepParams
 from tasks.workspace import ROOT, copy_pipeline, write_params
 from tests.conftest import run, tiny_params
 
@@ -127,3 +130,29 @@ def test_dask_task_runner_with_a_two_worker_local_cluster(prefect_server, tmp_pa
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Dask worker processes import flows.pipeline
     assert sorted(pipeline()) == sorted(load_stages())
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
+
+
+def test_sweep_records_every_trial_and_adopts_the_best_teacher(prefect_server, tmp_path, monkeypatch):
+    repo = copy_pipeline(tmp_path / "repo", tiny_params())
+    monkeypatch.chdir(repo)
+    best = sweep()
+    record = json.loads((repo / "reports" / "sweep.json").read_text())
+    accuracies = [t["val_accuracy"] for t in record["trials"]]
+    assert [t["overrides"] for t in record["trials"]] == [
+        {"lr": 0.003, "seed": 0}, {"lr": 0.003, "seed": 1}, {"lr": 0.01, "seed": 0}, {"lr": 0.01, "seed": 1}]
+    assert best["val_accuracy"] == max(accuracies) and record["best"] == best["trial"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert {k: params["teacher"]["train"][k] for k in ("lr", "seed")} == best["overrides"]
+    assert file_sha256(repo / "models" / "teacher.safetensors") == file_sha256(best["outputs"][0])
+    status = run(["dvc", "status", "train_teacher"], repo).stdout
+    assert "train_teacher" not in status  # the adopted weights are what the stage would produce
+    assert len(read_artifact(SWEEP_ARTIFACT)[0]["data"]) > 0
+
+
+def test_random_sweep_draws_reproducible_settings_within_the_ranges():
+    params = SweepParams(method="random", trials=5, seed=3,
+                         space={"lr": {"min": 1e-4, "max": 1e-1, "log": True}, "batch_size": [16, 32, 64]})
+    settings = trial_settings(params)
+    assert settings == trial_settings(params) and len(settings) == 5
+    assert all(1e-4 <= s["lr"] <= 1e-1 and s["batch_size"] in (16, 32, 64) for s in settings)
+    assert len({s["lr"] for s in settings}) == 5
