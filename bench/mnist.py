@@ -12,27 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import yaml
+from mnist_workspace import MNIST_DIR, ROOT, benchmark_params, mnist_workspace, timed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tasks.workspace import copy_pipeline, write_params  # noqa: E402
-
-STAGES = ["prepare", "validate", "train_teacher", "train_student", "distill", "evaluate", "gate"]
-
-
-def dvc(args: list[str], cwd: Path) -> float:
-    """Run a DVC command, echoing its output; returns its wall time in seconds."""
-    start = time.perf_counter()
-    subprocess.run(["dvc", *args], cwd=cwd, check=True)
-    return time.perf_counter() - start
+from flows.stages import load_stages, topological_order
+from tasks.workspace import write_params
 
 
 def accuracies(workspace: Path) -> dict[str, float]:
@@ -42,21 +27,16 @@ def accuracies(workspace: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--mnist", type=Path, default=MNIST_DIR)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mnist")
     args = parser.parse_args()
 
-    params = yaml.safe_load((ROOT / "bench" / "mnist.yaml").read_text())
-    shutil.rmtree(args.out, ignore_errors=True)
-    workspace = copy_pipeline(args.out, params)
-    raw = workspace / "data" / "raw" / "mnist"
-    raw.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy2(args.mnist / name, raw / name)
-
-    stage_times = {stage: dvc(["repro", "--single-item", stage], workspace) for stage in STAGES}
-    noop = dvc(["repro"], workspace)
+    params = benchmark_params()
+    workspace = mnist_workspace(args.out, args.mnist, params)
+    stages = topological_order(load_stages(workspace / "dvc.yaml"))
+    stage_times = {stage: timed(["dvc", "repro", "--single-item", stage], workspace) for stage in stages}
+    noop = timed(["dvc", "repro"], workspace)
     table = (workspace / "reports" / "comparison.md").read_text()
     evaluation = json.loads((workspace / "reports" / "evaluation.json").read_text())["models"]
 
@@ -65,7 +45,7 @@ def main() -> None:
         if seed not in runs:
             params["student"]["train"]["seed"] = seed
             write_params(workspace, params)
-            dvc(["repro"], workspace)
+            timed(["dvc", "repro"], workspace)
             runs[seed] = accuracies(workspace)
 
     print("\n== Stage wall times (dvc repro --single-item, seconds) ==")
