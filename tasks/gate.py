@@ -46,7 +46,7 @@ def comparison_table(evaluation: dict, verdicts: dict) -> str:
     """Markdown table of every model: accuracy (CI), paired change vs the reference, size, speed, verdict."""
     reference = evaluation["reference"]
     header = ["model", "test accuracy (95% CI)", f"vs {reference} (McNemar p)", "macro-F1", "parameters",
-              "bytes", "size ×", "p50 ms", "p95 ms", "batch/s", "speed-up", "gate"]
+              "bytes", "size ×", "p50 ms", "p95 ms", "samples/s", "speed-up", "gate"]
     rows = []
     for name, m in evaluation["models"].items():
         low, high = m["accuracy_ci95"]
