@@ -39,6 +39,7 @@ def main() -> None:
     noop = timed(["dvc", "repro"], workspace)
     table = (workspace / "reports" / "comparison.md").read_text()
     evaluation = json.loads((workspace / "reports" / "evaluation.json").read_text())["models"]
+    search_record = json.loads((workspace / "reports" / "search.json").read_text())
 
     runs = {params["student"]["train"]["seed"]: accuracies(workspace)}
     for seed in args.seeds:
@@ -72,6 +73,38 @@ def main() -> None:
     print(f"\nteacher test accuracy {100 * evaluation['teacher']['accuracy']:.2f}% (target >= 99.0%), "
           f"trained in {stage_times['train_teacher']:.1f} s (target <= 120 s)")
     print(f"student has {ratio:.1f}x fewer parameters than the teacher (target >= 10x)")
+    print_compression_targets(evaluation, search_record, stage_times)
+
+
+def print_compression_targets(models: dict, search_record: dict, stage_times: dict[str, float]) -> None:
+    """The compression suite's targets, from the student-seed-0 evaluation (test split)."""
+    teacher = models["teacher"]
+
+    def drop(m: dict) -> float:
+        return 100 * (teacher["accuracy"] - m["accuracy"])
+
+    candidates = {n: m for n, m in models.items() if n not in ("teacher", "student", "distilled")}
+    print("\n== Compression ==")
+    for name, m in candidates.items():
+        print(f"{name:>18}: drop {drop(m):+.2f} pts, {m['size_reduction']:.1f}x fewer bytes ({m['file_bytes']:,}), "
+              f"{m['speedup']:.1f}x lower p50 on {m['runtime']} ({m['latency_ms_p50']:.3f} ms)"
+              + (f", {m['speedup_vs_source']:.2f}x vs its source {m['source']}" if "speedup_vs_source" in m else ""))
+    within = {n: m for n, m in models.items() if n != "teacher" and drop(m) <= 0.3}
+    if within:
+        name, m = max(within.items(), key=lambda item: item[1]["size_reduction"])
+        print(f"smallest with drop <= 0.3: {name}, {m['size_reduction']:.1f}x fewer bytes (target >= 50x)")
+    within = {n: m for n, m in models.items() if n != "teacher" and drop(m) <= 0.5}
+    if within:
+        name, m = max(within.items(), key=lambda item: item[1]["speedup"])
+        print(f"fastest with drop <= 0.5: {name}, {m['speedup']:.1f}x lower p50 (target >= 10x)")
+    for name, m in candidates.items():
+        if "int8" in name:
+            print(f"{name}: drop {drop(m):+.2f} pts (target <= 0.3), {m['speedup_vs_source']:.2f}x the speed of its "
+                  f"fp32 source on {m['runtime']} (target >= 1.0)")
+    best = search_record["trials"][search_record["best"]]
+    print(f"search: {len(search_record['trials'])} trials in {stage_times['search']:.0f} s (target <= 20 trials, "
+          f"<= 900 s); best {best['steps']} {'within' if search_record['found'] else 'NOT within'} "
+          f"{search_record['max_accuracy_drop']} pts on validation")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,10 @@ def publish_artifacts() -> None:
         verdict = verdicts.get(name)
         rows.append({
             "model": name, "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
-            "parameters": m["parameters"], "bytes": m["file_bytes"], "size_reduction": round(m["size_reduction"], 2),
+            "parameters": m["parameters"], "nonzero_parameters": m["nonzero_parameters"], "bytes": m["file_bytes"],
+            "size_reduction": round(m["size_reduction"], 2), "runtime": m["runtime"],
             "latency_ms_p50": round(m["latency_ms_p50"], 4), "speedup": round(m["speedup"], 2),
+            "pareto": ", ".join(cost for cost, front in evaluation["pareto"].items() if name in front),
             "gate": "reference" if verdict is None else "PASS" if verdict["passed"] else "FAIL",
         })
     create_table_artifact(rows, key=CANDIDATES_ARTIFACT, description="Every model against the teacher")

@@ -1,8 +1,9 @@
 """The stage graph as `dvc.yaml` declares it: the one definition both runners follow.
 
-`dvc repro` reads dvc.yaml directly; the Prefect flow reads it through here. Each
-stage's `cmd` is `python -m tasks.<module> <args>`, so the flow calls the same
-`tasks.<module>.run(args)` that the command line does.
+`dvc repro` reads dvc.yaml directly; the Prefect flow reads it through here, resolved
+by DVC itself (so `foreach` stages such as compress@<recipe> expand from params.yaml
+exactly as `dvc repro` expands them). Each stage's `cmd` is
+`python -m tasks.<module> <args>`, so the flow runs the same code the command line does.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 
 @dataclass(frozen=True)
@@ -23,28 +22,31 @@ class Stage:
     outs: list[str]  # outs, metrics and plots: every file the stage writes
 
 
-def _paths(entries: list) -> list[str]:
-    """DVC lists an entry as a plain path or as {path: options}."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-
-
 def load_stages(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, Stage]:
     """Stages in file order, each with the Python module and arguments its command runs."""
-    spec = yaml.safe_load(Path(dvc_yaml).read_text())
+    from dvc.dvcfile import load_file
+    from dvc.repo import Repo
+
+    dvc_yaml = Path(dvc_yaml).resolve()
     stages = {}
-    for name, stage in spec["stages"].items():
-        words = shlex.split(stage["cmd"])
-        if words[:2] != ["python", "-m"] or not words[2].startswith("tasks."):
-            raise ValueError(f"{dvc_yaml}: stage {name}: cmd must be 'python -m tasks.<module> ...', got {stage['cmd']!r}")
-        outs = _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots"))
-        stages[name] = Stage(name, words[2], words[3:], _paths(stage.get("deps")), outs)
+    with Repo(str(dvc_yaml.parent)) as repo:
+        for stage in load_file(repo, str(dvc_yaml)).stages.values():
+            words = shlex.split(stage.cmd)
+            if words[:2] != ["python", "-m"] or not words[2].startswith("tasks."):
+                raise ValueError(f"{dvc_yaml}: stage {stage.name}: cmd must be 'python -m tasks.<module> ...', "
+                                 f"got {stage.cmd!r}")
+            stages[stage.name] = Stage(stage.name, words[2], words[3:], [str(d.def_path) for d in stage.deps],
+                                       [str(o.def_path) for o in stage.outs])
     return stages
 
 
 def upstream(stages: dict[str, Stage]) -> dict[str, list[str]]:
-    """For each stage, the stages that write one of its dependencies."""
+    """For each stage, the stages that write one of its dependencies (or something inside a dependency directory)."""
+    def within(path: str, directory: str) -> bool:
+        return path == directory or path.startswith(directory.rstrip("/") + "/")
+
     def writes(producer: Stage, path: str) -> bool:
-        return any(path == out or path.startswith(out.rstrip("/") + "/") for out in producer.outs)
+        return any(within(path, out) or within(out, path) for out in producer.outs)
 
     return {name: [other.name for other in stages.values() if other.name != name
                    and any(writes(other, dep) for dep in stage.deps)]

@@ -8,6 +8,7 @@ refuses candidates that did not pass.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from tasks.io import read_json, run_main, write_json, write_text
@@ -26,27 +27,30 @@ def judge(metrics: dict, reference: dict, params: GateParams) -> list[str]:
         failures.append(f"size reduction {metrics['size_reduction']:.1f}x < minimum {params.min_size_reduction:.1f}x")
     if metrics["speedup"] < params.min_speedup:
         failures.append(f"speed-up {metrics['speedup']:.2f}x < minimum {params.min_speedup:.2f}x")
+    if metrics.get("speedup_vs_source", math.inf) < params.min_speedup_vs_source:
+        failures.append(f"speed-up over its source {metrics['source']} on {metrics['runtime']} "
+                        f"{metrics['speedup_vs_source']:.3f}x < minimum {params.min_speedup_vs_source:.3f}x")
     return failures
 
 
 def gate(evaluation: dict, params: GateParams) -> dict:
+    """A verdict for every evaluated model but the reference: nothing is promoted ungated."""
     models = evaluation["models"]
-    unknown = [c for c in params.candidates if c not in models]
-    if unknown:
-        raise ValueError(f"params.yaml:gate.candidates: {unknown} not evaluated; evaluated models: {sorted(models)}")
     reference = models[evaluation["reference"]]
     verdicts = {}
-    for name in params.candidates:
-        failures = judge(models[name], reference, params)
-        verdicts[name] = {"passed": not failures, "failures": failures}
-    return {"thresholds": {k: v for k, v in vars(params).items() if k != "candidates"}, "verdicts": verdicts}
+    for name, metrics in models.items():
+        if name != evaluation["reference"]:
+            failures = judge(metrics, reference, params)
+            verdicts[name] = {"passed": not failures, "failures": failures}
+    return {"thresholds": vars(params), "verdicts": verdicts}
 
 
 def comparison_table(evaluation: dict, verdicts: dict) -> str:
     """Markdown table of every model: accuracy (CI), paired change vs the reference, size, speed, verdict."""
     reference = evaluation["reference"]
     header = ["model", "test accuracy (95% CI)", f"vs {reference} (McNemar p)", "macro-F1", "parameters",
-              "bytes", "size ×", "p50 ms", "p95 ms", "samples/s", "speed-up", "gate"]
+              "non-zero", "bytes", "size ×", "runtime", "p50 ms", "p95 ms", "samples/s", "speed-up",
+              "vs source", "ORT p50 ms", "gate"]
     rows = []
     for name, m in evaluation["models"].items():
         low, high = m["accuracy_ci95"]
@@ -55,14 +59,22 @@ def comparison_table(evaluation: dict, verdicts: dict) -> str:
                   f"{', significant' if paired['distinguishable'] else ', within noise'})") if paired else "reference"
         verdict = verdicts.get(name)
         status = "—" if verdict is None else "PASS" if verdict["passed"] else "FAIL: " + "; ".join(verdict["failures"])
+        vs_source = f"{m['speedup_vs_source']:.3f}x {m['source']}" if "speedup_vs_source" in m else ""
         rows.append([name, f"{100 * m['accuracy']:.2f}% [{100 * low:.2f}, {100 * high:.2f}]", change,
-                     f"{m['macro_f1']:.4f}", f"{m['parameters']:,}", f"{m['file_bytes']:,}",
-                     f"{m['size_reduction']:.1f}", f"{m['latency_ms_p50']:.3f}", f"{m['latency_ms_p95']:.3f}",
-                     f"{m['throughput_per_s']:,.0f}", f"{m['speedup']:.2f}", status])
+                     f"{m['macro_f1']:.4f}", f"{m['parameters']:,}", f"{m['nonzero_parameters']:,}",
+                     f"{m['file_bytes']:,}", f"{m['size_reduction']:.1f}", m["runtime"],
+                     f"{m['latency_ms_p50']:.3f}", f"{m['latency_ms_p95']:.3f}", f"{m['throughput_per_s']:,.0f}",
+                     f"{m['speedup']:.2f}", vs_source, f"{m['runtimes']['onnxruntime']['latency_ms_p50']:.3f}",
+                     status])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    fronts = evaluation["pareto"]
     note = (f"\n{evaluation['test_samples']} test samples; latency at batch 1 and throughput at "
-            f"batch {evaluation['throughput_batch']} on {evaluation['threads']} CPU thread(s).\n")
+            f"batch {evaluation['throughput_batch']} on {evaluation['threads']} CPU thread(s), on the runtime "
+            f"the file is deployed on; speed-up is against the {reference} on its runtime, 'vs source' against "
+            f"the model a recipe started from on the same runtime.\n\n"
+            f"Pareto front, accuracy vs bytes: {', '.join(fronts['file_bytes'])}\n"
+            f"Pareto front, accuracy vs latency: {', '.join(fronts['latency_ms_p50'])}\n")
     return "\n".join(lines) + "\n" + note
 
 

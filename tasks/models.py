@@ -1,8 +1,9 @@
 """Model architectures, chosen by name in params, and their safe on-disk format.
 
-A model file is safetensors: weights plus one metadata entry holding the full
-config (architecture spec, input shape, classes, training recipe, lineage), so a
-file alone rebuilds its model and never needs unpickling.
+A model file is safetensors: weights (see tasks/encodings.py for the compact forms
+of pruned and shared weights) plus one metadata entry holding the full config
+(architecture spec, input shape, classes, training recipe, lineage), so a file
+alone rebuilds its model and never needs unpickling.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from tasks.encodings import decode_state, encode_state
 from tasks.io import atomic_path
 from tasks.params import ParamsError
 
@@ -96,8 +98,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_model(model: nn.Module, path: str | Path, config: dict[str, Any]) -> None:
-    """Write weights + config atomically; equal weights and config give equal bytes."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """Write weights (compactly encoded where pruning or sharing allows) + config atomically.
+
+    Equal weights and config give equal bytes.
+    """
+    state = encode_state(model.state_dict())
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config, sort_keys=True)})
 
@@ -111,5 +116,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model from its own config; returned in eval mode."""
     config = read_config(path)
     model = build_model(config["model"], config["input_shape"], len(config["classes"]))
-    model.load_state_dict(load_file(str(path)))
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    model.load_state_dict(decode_state(load_file(str(path)), shapes))
     return model.eval(), config

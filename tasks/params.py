@@ -108,11 +108,13 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GateParams:
-    candidates: list[str] = field(default_factory=lambda: ["student", "distilled"])
     min_accuracy: float = 0.0
     max_accuracy_drop: float = 100.0  # percentage points below the teacher
     min_size_reduction: float = 1.0  # teacher bytes / candidate bytes
     min_speedup: float = 0.0  # teacher p50 latency / candidate p50 latency
+    # Candidate vs the model its recipe started from, on the same runtime: 1.0 = never slower
+    # (e.g. int8 must not be slower than its fp32 source).
+    min_speedup_vs_source: float = 0.0
 
 
 @dataclass(frozen=True)

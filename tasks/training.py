@@ -242,6 +242,20 @@ def train_model(
     return Trained(model.eval(), config, history)
 
 
+def make_finetune(prepared_dir: Path, recipe: TrainParams, desc: str = "finetune", *,
+                  teacher_path: Path | None = None, distill: DistillParams | None = None) -> Callable[[nn.Module], None]:
+    """Fine-tuning for compression steps: the fit loop with `recipe` on the prepared train split,
+    from the labels or, given a teacher, by distillation."""
+    classes = read_json(Path(prepared_dir) / "schema.json")["classes"]
+    train, val = (load_split(prepared_dir, s, classes) for s in ("train", "validation"))
+    teacher = load_model(teacher_path)[0] if teacher_path is not None else None
+
+    def finetune(model: nn.Module) -> None:
+        fit(model, train, val, recipe, fingerprint=desc, desc=desc, teacher=teacher, distill=distill)
+
+    return finetune
+
+
 def write_outputs(trained: Trained, model_path: Path, curves_path: Path, metrics_path: Path) -> None:
     with atomic_path(curves_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(trained.history[0]))

@@ -22,8 +22,13 @@ TINY_PARAMS = {
     "student": {"model": {"arch": "mlp", "hidden": [16]}, "train": dict(RECIPE, augment_shift=0)},
     "distill": {"temperature": 4.0, "alpha": 0.7},
     "evaluate": {"threads": 1, "warmup": 2, "latency_repeats": 20, "throughput_batch": 32, "throughput_repeats": 2},
-    "gate": {"candidates": ["student", "distilled"], "min_accuracy": 0.5, "max_accuracy_drop": 50.0,
-             "min_size_reduction": 2.0, "min_speedup": 0.0},
+    "compress": {"finetune": {"epochs": 1}, "calibration_samples": 64, "recipes": {
+        "pruned": {"source": "distilled", "steps": [{"method": "prune", "sparsity": 0.5, "rounds": 1}]},
+        "int8": {"source": "distilled", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
+    }},
+    "search": {"source": "distilled", "teacher": "", "max_accuracy_drop": 50.0, "budget": 2,
+               "space": [[{"method": "prune", "sparsity": [0.3, 0.6], "rounds": 1}]]},
+    "gate": {"min_accuracy": 0.5, "max_accuracy_drop": 50.0, "min_size_reduction": 2.0, "min_speedup": 0.0},
     "orchestration": {"task_runner": "thread", "workers": 2, "retries": 1, "retry_delay_seconds": 0.1},
     "sweep": {"method": "grid", "space": {"lr": [0.003, 0.01], "seed": [0, 1]}},
 }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.distill import distill
-from tasks.evaluate import evaluate, paired_comparison, wilson_interval
+from tasks.evaluate import base_candidate, evaluate, paired_comparison, pareto_front, wilson_interval
 from tasks.gate import comparison_table, gate
 from tasks.models import save_model
 from tasks.params import EvaluateParams, GateParams, from_dict
@@ -40,7 +40,8 @@ def evaluation(digits_dir, teacher_path, tmp_path_factory):
     distilled = distill(digits_dir, teacher_path, model_params("student"), distill_params())
     save_model(distilled.model, out / "distilled.safetensors", distilled.config)
     params = from_dict(EvaluateParams, TINY_PARAMS["evaluate"], "evaluate")
-    return evaluate(digits_dir, {"teacher": teacher_path, "distilled": out / "distilled.safetensors"}, params)
+    candidates = {"teacher": base_candidate(teacher_path, out), "distilled": base_candidate(out / "distilled.safetensors", out)}
+    return evaluate(digits_dir, candidates, params)
 
 
 def test_evaluate_reports_every_metric_against_the_teacher(evaluation, teacher_path):
@@ -53,6 +54,8 @@ def test_evaluate_reports_every_metric_against_the_teacher(evaluation, teacher_p
         low, high = metrics["accuracy_ci95"]
         assert low < metrics["accuracy"] < high
         assert 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p95"] and metrics["throughput_per_s"] > 0
+        assert metrics["runtime"] == "pytorch" and set(metrics["runtimes"]) == {"pytorch", "onnxruntime"}
+        assert metrics["nonzero_parameters"] <= metrics["parameters"]
     paired = distilled["vs_teacher"]
     expected = 100 * (distilled["accuracy"] - teacher["accuracy"])
     assert paired["accuracy_change_points"] == pytest.approx(expected)
@@ -61,17 +64,30 @@ def test_evaluate_reports_every_metric_against_the_teacher(evaluation, teacher_p
 
 def test_gate_records_each_failed_threshold_without_raising(evaluation):
     summary, _ = evaluation
-    strict = GateParams(candidates=["distilled"], min_accuracy=0.999, max_accuracy_drop=0.0,
-                        min_size_reduction=1000.0, min_speedup=1000.0)
+    strict = GateParams(min_accuracy=0.999, max_accuracy_drop=0.0, min_size_reduction=1000.0, min_speedup=1000.0)
     verdict = gate(summary, strict)["verdicts"]["distilled"]
     assert verdict["passed"] is False
     assert [f.split(" ")[0] for f in verdict["failures"]] == ["accuracy", "accuracy", "size", "speed-up"]
-    lenient = gate(summary, GateParams(candidates=["distilled"]))["verdicts"]["distilled"]
+    lenient = gate(summary, GateParams())["verdicts"]["distilled"]
     assert lenient == {"passed": True, "failures": []}
     table = comparison_table(summary, {"distilled": verdict})
     assert "| teacher |" in table and "FAIL: accuracy" in table
 
 
-def test_gate_names_unknown_candidates(evaluation):
-    with pytest.raises(ValueError, match=r"gate.candidates: \['pruned'\] not evaluated"):
-        gate(evaluation[0], GateParams(candidates=["pruned"]))
+def test_gate_can_refuse_a_candidate_slower_than_its_source():
+    def model(accuracy, p50, **extra):
+        return {"accuracy": accuracy, "size_reduction": 4.0, "speedup": 1.0, "latency_ms_p50": p50, **extra}
+
+    summary = {"reference": "teacher", "models": {
+        "teacher": model(0.99, 1.0),
+        "int8": model(0.99, 1.2, source="teacher", runtime="onnxruntime", speedup_vs_source=0.8),
+    }}
+    assert gate(summary, GateParams())["verdicts"]["int8"]["passed"] is True  # reported, not required
+    verdict = gate(summary, GateParams(min_speedup_vs_source=1.0))["verdicts"]["int8"]
+    assert verdict["failures"] == ["speed-up over its source teacher on onnxruntime 0.800x < minimum 1.000x"]
+
+
+def test_pareto_front_keeps_only_undominated_models():
+    models = {"big": {"accuracy": 0.99, "file_bytes": 1000}, "small": {"accuracy": 0.97, "file_bytes": 10},
+              "worse": {"accuracy": 0.96, "file_bytes": 50}, "tie": {"accuracy": 0.97, "file_bytes": 10}}
+    assert pareto_front(models, "file_bytes") == ["small", "tie", "big"]

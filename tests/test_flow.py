@@ -63,14 +63,20 @@ def test_flow_equals_dvc_repro_then_caches_then_reruns_one_branch(prefect_server
 
     params["distill"]["temperature"] = 2.0
     write_params(repo, params)
-    assert sorted(pipeline()) == ["distill", "evaluate", "gate"]
+    assert sorted(pipeline()) == ["compress@int8", "compress@pruned", "distill", "evaluate", "gate", "search"]
     assert (repo / "models" / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
+
+    params["compress"]["recipes"]["pruned"]["steps"][0]["sparsity"] = 0.6
+    write_params(repo, params)
+    int8_mtime = (repo / "models" / "candidates" / "int8" / "lineage.json").stat().st_mtime_ns
+    assert sorted(pipeline()) == ["compress@pruned", "evaluate", "gate"]  # one branch, not its siblings
+    assert (repo / "models" / "candidates" / "int8" / "lineage.json").stat().st_mtime_ns == int8_mtime
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
 
     tables = read_artifact(CANDIDATES_ARTIFACT)
-    assert len(tables) == 2  # one per run that evaluated: the UI keeps the history
+    assert len(tables) == 3  # one per run that evaluated: the UI keeps the history
     rows = json.loads(tables[0]["data"])
-    assert [r["model"] for r in rows] == ["teacher", "student", "distilled"]
+    assert [r["model"] for r in rows] == ["teacher", "student", "distilled", "pruned", "int8", "search"]
     assert read_artifact(GATE_ARTIFACT)
 
 

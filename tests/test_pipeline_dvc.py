@@ -13,21 +13,25 @@ from tests.conftest import run, tiny_params
 
 
 def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@]+)'", output)
 
 
 def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(repo_copy):
     first = run(["dvc", "repro"], repo_copy)
     assert stages_run(first.stdout) == ["prepare", "validate", "train_teacher", "train_student", "distill",
-                                        "evaluate", "gate"]
+                                        "compress@pruned", "compress@int8", "search", "evaluate", "gate"]
     for model in ("teacher", "student", "distilled"):
         assert (repo_copy / "models" / f"{model}.safetensors").is_file()
         assert (repo_copy / "reports" / "curves" / f"{model}.csv").read_text().startswith("epoch,")
     evaluation = json.loads((repo_copy / "reports" / "evaluation.json").read_text())
-    assert list(evaluation["models"]) == ["teacher", "student", "distilled"]
+    assert list(evaluation["models"]) == ["teacher", "student", "distilled", "pruned", "int8", "search"]
+    assert len(json.loads((repo_copy / "reports" / "search.json").read_text())["trials"]) == 2
+    assert evaluation["models"]["int8"]["runtime"] == "onnxruntime"
+    assert evaluation["models"]["pruned"]["nonzero_parameters"] < evaluation["models"]["distilled"]["parameters"]
+    assert (repo_copy / "reports" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert evaluation["models"]["teacher"]["accuracy"] > 0.5  # 3 epochs of a tiny CNN
     verdicts = json.loads((repo_copy / "reports" / "gate.json").read_text())["verdicts"]
-    assert set(verdicts) == {"student", "distilled"}
+    assert set(verdicts) == {"student", "distilled", "pruned", "int8", "search"}
     table = (repo_copy / "reports" / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in ("teacher", "student", "distilled"))
     assert (repo_copy / "reports" / "data_docs" / "index.html").is_file()
@@ -46,7 +50,12 @@ def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(repo_copy):
     params["distill"]["temperature"] = 2.0
     write_params(repo_copy, params)
     third = run(["dvc", "repro"], repo_copy)
-    assert stages_run(third.stdout) == ["distill", "evaluate", "gate"]
+    assert stages_run(third.stdout) == ["distill", "compress@pruned", "compress@int8", "search", "evaluate", "gate"]
+
+    params["compress"]["recipes"]["pruned"]["steps"][0]["sparsity"] = 0.6
+    write_params(repo_copy, params)
+    fourth = run(["dvc", "repro"], repo_copy)
+    assert stages_run(fourth.stdout) == ["compress@pruned", "evaluate", "gate"]  # only that branch
 
 
 def test_dvc_repro_stops_before_training_on_bad_data(repo_copy):

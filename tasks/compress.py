@@ -1,0 +1,286 @@
+"""Stage `compress@<recipe>`: an ordered chain of compression steps applied to a base model.
+
+A recipe (`compress.recipes.<name>` in params.yaml) names a source model (teacher,
+student or distilled) and its steps, e.g. distill → prune 90 % → share 4 bits, or
+structured prune → int8. Every step writes its own model file, whose config records
+the parent file's hash and the step that made it, and the stage writes lineage.json
+for the whole chain. The final model is exported to ONNX when it is a PyTorch model,
+so both runtimes can be measured. Recipes are checked completely before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tasks.io import file_sha256, read_json, run_main, write_json
+from tasks.models import count_parameters, load_model, save_model
+from tasks.params import PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, from_dict, load_section
+from tasks.pruning import magnitude_prune, sparsity, structured_prune
+from tasks.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
+from tasks.training import load_split, make_finetune, train_model
+from tasks.validate import require_validated
+from tasks.weight_sharing import share_weights
+
+BASE_MODELS = ("teacher", "student", "distilled")
+# The settings each method accepts, with their defaults.
+METHODS: dict[str, dict[str, Any]] = {
+    "distill": {"model": None, "train": {}},  # a new (smaller) architecture trained from the teacher
+    "prune": {"sparsity": None, "scope": "global", "rounds": 3},
+    "structured_prune": {"ratio": None},
+    "share": {"bits": None},
+    "quantize": {"mode": "int8_static"},
+}
+NEEDS_TEACHER = {"distill"}
+FINAL_ONLY = {"quantize"}  # its output is an ONNX Runtime model: no PyTorch step can follow
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    settings: dict[str, Any]
+
+    def describe(self) -> str:
+        return self.method + "".join(f" {k}={v}" for k, v in self.settings.items() if k not in ("model", "train"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str
+    teacher: str  # "" when no step and no fine-tuning uses a teacher
+    steps: list[Step]
+
+
+@dataclass(frozen=True)
+class CompressParams:
+    finetune: dict[str, Any]  # overrides of the source model's own training recipe for fine-tuning
+    recipes: dict[str, dict[str, Any]]
+    calibration_samples: int = 256  # validation samples that calibrate static int8
+
+
+def parse_step(raw: Any, where: str) -> Step:
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise ParamsError(f"{where}: a step is a mapping with a 'method', got {raw!r}")
+    method = raw["method"]
+    if method not in METHODS:
+        raise ParamsError(f"{where}.method: unknown method {method!r}; use one of {sorted(METHODS)}")
+    unknown = set(raw) - set(METHODS[method]) - {"method"}
+    if unknown:
+        raise ParamsError(f"{where}: {sorted(unknown)} not a setting of {method} (settings: {sorted(METHODS[method])})")
+    settings = {**METHODS[method], **{k: v for k, v in raw.items() if k != "method"}}
+    missing = [k for k, v in settings.items() if v is None]
+    if missing:
+        raise ParamsError(f"{where}: {method} needs {missing}")
+    check = {
+        "prune": lambda s: (isinstance(s["sparsity"], (int, float)) and 0 <= s["sparsity"] < 1, "sparsity: must be in [0, 1)")
+        if s["scope"] in ("global", "layer") else (False, "scope: must be 'global' or 'layer'"),
+        "structured_prune": lambda s: (isinstance(s["ratio"], (int, float)) and 0 <= s["ratio"] < 1, "ratio: must be in [0, 1)"),
+        "share": lambda s: (isinstance(s["bits"], int) and not isinstance(s["bits"], bool) and 1 <= s["bits"] <= 8,
+                            "bits: must be an integer from 1 to 8"),
+        "quantize": lambda s: (s["mode"] in QUANTIZATION_MODES, f"mode: must be one of {list(QUANTIZATION_MODES)}"),
+        "distill": lambda s: (isinstance(s["model"], dict) and "arch" in s["model"], "model: an architecture spec with 'arch'"),
+    }[method]
+    ok, message = check(settings)
+    if not ok:
+        field_name = message.split(":")[0]
+        raise ParamsError(f"{where}.{message}, got {settings.get(field_name)!r}")
+    if method == "prune" and (not isinstance(settings["rounds"], int) or settings["rounds"] < 1):
+        raise ParamsError(f"{where}.rounds: must be an integer >= 1, got {settings['rounds']!r}")
+    return Step(method, settings)
+
+
+def parse_recipe(name: str, raw: Any, where: str = "compress.recipes") -> Recipe:
+    """A recipe checked end to end: every problem is reported before anything trains."""
+    where = f"{where}.{name}"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping with source and steps, got {raw!r}")
+    unknown = set(raw) - {"source", "teacher", "steps"}
+    if unknown:
+        raise ParamsError(f"{where}: unknown keys {sorted(unknown)} (allowed: source, teacher, steps)")
+    source, teacher = raw.get("source"), raw.get("teacher", "")
+    if source not in BASE_MODELS:
+        raise ParamsError(f"{where}.source: must be one of {list(BASE_MODELS)}, got {source!r}")
+    if teacher not in ("", "teacher"):
+        raise ParamsError(f"{where}.teacher: must be 'teacher' or empty, got {teacher!r}")
+    raw_steps = raw.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise ParamsError(f"{where}.steps: a non-empty list of steps, got {raw_steps!r}")
+    steps = [parse_step(s, f"{where}.steps[{i}]") for i, s in enumerate(raw_steps)]
+    for i, step in enumerate(steps):
+        if step.method in NEEDS_TEACHER and not teacher:
+            raise ParamsError(f"{where}.steps[{i}]: {step.method} needs a teacher; set {where}.teacher: teacher")
+        if step.method in FINAL_ONLY and i != len(steps) - 1:
+            raise ParamsError(f"{where}.steps[{i}]: {step.method} must be the last step "
+                              f"(its ONNX Runtime model cannot be fine-tuned further)")
+    return Recipe(name, source, teacher, steps)
+
+
+def load_recipes(params: CompressParams) -> dict[str, Recipe]:
+    reserved = [name for name in params.recipes if name in ("search", *BASE_MODELS)]
+    if reserved:
+        raise ParamsError(f"compress.recipes: {reserved} reserved (the search's candidate and the base models); "
+                          f"rename the recipe")
+    return {name: parse_recipe(name, raw) for name, raw in params.recipes.items()}
+
+
+@dataclass
+class Link:
+    """One model in a recipe's chain: the source, or the output of a step."""
+
+    file: str
+    sha256: str
+    method: str
+    settings: dict[str, Any]
+    parameters: int
+    nonzero_parameters: int
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def finetune_recipe(config: dict[str, Any], overrides: dict[str, Any]) -> TrainParams:
+    """The parent's own training recipe (recorded in its file) with the fine-tuning overrides."""
+    base = from_dict(TrainParams, config["train"], "model config train")
+    return from_dict(TrainParams, {**dataclasses.asdict(base), **overrides}, "compress.finetune")
+
+
+def compress(
+    recipe: Recipe,
+    prepared_dir: Path,
+    source_path: Path,
+    teacher_path: Path | None,
+    out_dir: Path,
+    params: CompressParams,
+    distill_params: DistillParams,
+    memo: dict[str, tuple[nn.Module, dict[str, Any], Link]] | None = None,
+) -> list[Link]:
+    """Apply the recipe's steps in order; each output lands in `out_dir` and is the next step's parent.
+
+    `memo` (used by the search) keeps each chain prefix's result, so recipes that share
+    their first steps compute them once.
+    """
+    model, config = load_model(source_path)
+    chain = [Link(str(source_path), file_sha256(source_path), "source", {"model": recipe.source},
+                  count_parameters(model), nonzero_parameters(model))]
+    teacher = teacher_path if recipe.teacher else None
+    schema = read_json(prepared_dir / "schema.json")
+
+    for index, step in enumerate(recipe.steps, start=1):
+        parent = chain[-1]
+        prefix = json.dumps([chain[0].sha256, recipe.teacher, [dataclasses.asdict(s) for s in recipe.steps[:index]]],
+                            sort_keys=True)
+        if memo is not None and prefix in memo:
+            model, config, link = memo[prefix]
+            model = copy.deepcopy(model)
+            shutil.copy2(link.file, out_dir / Path(link.file).name)
+            chain.append(dataclasses.replace(link, file=str(out_dir / Path(link.file).name)))
+            continue
+        recipe_train = finetune_recipe(config, params.finetune)
+        finetune = make_finetune(prepared_dir, recipe_train, desc=f"{recipe.name}:{step.method}",
+                                 teacher_path=teacher, distill=distill_params if teacher else None)
+        step_config = copy.deepcopy(config)
+        step_config.update(role=f"{recipe.name}/step{index}",
+                           compression={"recipe": recipe.name, "step": index, "method": step.method,
+                                        "settings": step.settings, "parent_sha256": parent.sha256,
+                                        "parent_file": Path(parent.file).name})
+        start = time.perf_counter()
+        onnx_output = step.method == "quantize"
+        if step.method == "distill":
+            trained = train_model(prepared_dir, _distill_params(config, step), role=step_config["role"],
+                                  teacher_path=teacher, distill=distill_params)
+            model = trained.model
+            step_config.update(model=trained.config["model"], train=trained.config["train"])
+        elif step.method == "prune":
+            model = magnitude_prune(model, step.settings["sparsity"], scope=step.settings["scope"],
+                                    rounds=step.settings["rounds"], finetune=finetune)
+        elif step.method == "structured_prune":
+            model, spec = structured_prune(model, config["model"], schema["input_shape"], len(schema["classes"]),
+                                           step.settings["ratio"], finetune=finetune)
+            step_config["model"] = spec
+        elif step.method == "share":
+            model = share_weights(model, step.settings["bits"], finetune=finetune)
+        path = out_dir / f"step{index}-{step.method}.{'onnx' if onnx_output else 'safetensors'}"
+        step_config.update(parameters=count_parameters(model), nonzero_parameters=nonzero_parameters(model))
+        if onnx_output:
+            calibration = load_split(prepared_dir, "validation", schema["classes"]).X.numpy()
+            fp32 = out_dir / f"step{index}-{step.method}.fp32.onnx"
+            export_onnx(model, fp32, step_config)
+            quantize_onnx(fp32, path, step.settings["mode"], step_config, calibration[: params.calibration_samples])
+            fp32.unlink()
+        else:
+            save_model(model, path, step_config)
+        config = step_config
+        chain.append(Link(str(path), file_sha256(path), step.method, step.settings, count_parameters(model),
+                          nonzero_parameters(model)))
+        if memo is not None:
+            memo[prefix] = (copy.deepcopy(model), config, chain[-1])
+        print(f"{recipe.name}: step {index} {step.describe()} -> {path.name} in {time.perf_counter() - start:.1f} s "
+              f"({chain[-1].nonzero_parameters:,} non-zero of {chain[-1].parameters:,} parameters"
+              + (f", sparsity {sparsity(model):.3f})" if not onnx_output else ")"))
+    if not chain[-1].file.endswith(".onnx"):
+        export_onnx(load_model(chain[-1].file)[0], out_dir / "runtime.onnx", config)
+    return chain
+
+
+def _distill_params(config: dict[str, Any], step: Step) -> ModelParams:
+    """The distill step's architecture, trained with the parent's recipe and the step's overrides."""
+    train = {**config["train"], **step.settings["train"]}
+    return ModelParams(model=step.settings["model"], train=from_dict(TrainParams, train, "distill step train"))
+
+
+def write_lineage(out_dir: Path, recipe: Recipe, chain: list[Link], teacher_path: Path | None) -> None:
+    write_json(out_dir / "lineage.json", {
+        "recipe": recipe.name,
+        "source": recipe.source,
+        "teacher": {"file": str(teacher_path), "sha256": file_sha256(teacher_path)} if recipe.teacher else None,
+        "chain": [{**dataclasses.asdict(link), "file": link.file if i == 0 else Path(link.file).name}
+                  for i, link in enumerate(chain)],
+        "final": Path(chain[-1].file).name,
+        "runtime_onnx": "runtime.onnx" if (out_dir / "runtime.onnx").exists() else Path(chain[-1].file).name,
+    })
+
+
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("prepared_dir", type=Path)
+    parser.add_argument("validation_result", type=Path)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("teacher", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    require_validated(args.validation_result)
+    params = load_section("compress", CompressParams, args.params)
+    if args.recipe not in params.recipes:
+        raise ParamsError(f"{args.params}: compress.recipes has no recipe {args.recipe!r}")
+    recipe = load_recipes(params)[args.recipe]  # every recipe checked: a typo elsewhere fails every branch early
+    distill_params = load_section("distill", DistillParams, args.params)
+    finetune_recipe(load_model(args.source)[1], params.finetune)  # bad overrides fail before any work
+    # Build in a scratch directory and swap it in whole: a failed run leaves no half-written candidate.
+    scratch = args.out_dir.with_name(args.out_dir.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        chain = compress(recipe, args.prepared_dir, args.source, args.teacher, scratch, params, distill_params)
+        write_lineage(scratch, recipe, chain, args.teacher if recipe.teacher else None)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(args.out_dir, ignore_errors=True)
+    scratch.rename(args.out_dir)
+
+
+if __name__ == "__main__":
+    run_main(run)

@@ -1,0 +1,150 @@
+"""Stage `search`: accuracy-aware search over recipe variants, within a trial budget.
+
+`search.space` holds recipe templates in which any step setting may be a list of
+choices (sparsity levels, bit widths, student widths, quantization modes). Every
+variant is a trial: the recipe is applied to the source model and measured on the
+validation split, so the test split stays untouched for the final evaluation. When
+there are more variants than `budget`, a seeded sample of `budget` of them runs.
+All trials are recorded; the answer is the best trial by the objective (smallest
+file or lowest latency) among those within the tolerated accuracy drop versus the
+teacher — not the first one that passes. Trials sharing their first steps reuse them.
+The winner is written like a recipe's output (models/candidates/search), so
+evaluate and gate judge it on the test split like every other candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.compress import BASE_MODELS, CompressParams, compress, parse_recipe, write_lineage
+from tasks.evaluate import measure_speed
+from tasks.io import read_json, run_main, write_json
+from tasks.models import load_model
+from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, ParamsError, _require, load_section
+from tasks.quantization import OnnxClassifier
+from tasks.training import load_split, predict_logits
+from tasks.validate import require_validated
+
+OBJECTIVES = ("file_bytes", "latency_ms_p50")
+TRIAL_SPEED = EvaluateParams(threads=1, warmup=10, latency_repeats=100, throughput_batch=64, throughput_repeats=2)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    source: str = "teacher"  # the base model every trial starts from
+    teacher: str = "teacher"  # distils fine-tuning and distill steps; "" for labels only
+    max_accuracy_drop: float = 0.5  # points below the teacher, on the validation split
+    objective: str = "file_bytes"  # file_bytes (smallest file) | latency_ms_p50 (fastest)
+    budget: int = 20  # trials at most
+    seed: int = 0  # which variants run when there are more than `budget`
+    space: list[list[dict[str, Any]]] = field(default_factory=list)  # recipe templates
+
+    def __post_init__(self) -> None:
+        _require(self.source in BASE_MODELS, f"source: must be one of {list(BASE_MODELS)}, got {self.source!r}")
+        _require(self.objective in OBJECTIVES, f"objective: must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        _require(self.budget >= 1, f"budget: must be at least 1, got {self.budget}")
+        _require(self.max_accuracy_drop >= 0, f"max_accuracy_drop: must be >= 0, got {self.max_accuracy_drop}")
+        _require(bool(self.space), "space: at least one recipe template")
+
+
+def expand(template: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every combination of the choices (list-valued settings) in a recipe template."""
+    choices = [(i, key, values) for i, step in enumerate(template) for key, values in step.items()
+               if isinstance(values, list)]
+    variants = []
+    for combination in itertools.product(*(values for _, _, values in choices)):
+        steps = [dict(step) for step in template]
+        for (i, key, _), value in zip(choices, combination):
+            steps[i][key] = value
+        variants.append(steps)
+    return variants
+
+
+def plan_trials(params: SearchParams) -> list[list[dict[str, Any]]]:
+    """All variants, checked before anything trains; a seeded sample of `budget` if there are more."""
+    variants = [v for template in params.space for v in expand(template)]
+    for i, steps in enumerate(variants):
+        parse_recipe(f"trial{i}", {"source": params.source, "teacher": params.teacher, "steps": steps}, "search.space")
+    if len(variants) > params.budget:
+        chosen = sorted(random.Random(params.seed).sample(range(len(variants)), params.budget))
+        variants = [variants[i] for i in chosen]
+    return variants
+
+
+def validation_metrics(final: Path, prepared_dir: Path) -> dict[str, float]:
+    classes = read_json(prepared_dir / "schema.json")["classes"]
+    val = load_split(prepared_dir, "validation", classes)
+    model = OnnxClassifier(final) if final.suffix == ".onnx" else load_model(final)[0]
+    accuracy = float((predict_logits(model, val.X).argmax(1) == val.y).float().mean())
+    return {"accuracy": accuracy, "file_bytes": final.stat().st_size,
+            "latency_ms_p50": measure_speed(model, val.X, TRIAL_SPEED)["latency_ms_p50"]}
+
+
+def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchParams,
+           compress_params: CompressParams, distill_params: DistillParams) -> dict[str, Any]:
+    """Run every planned trial; copy the winner's files and lineage to `out_dir`; return the record."""
+    trials = plan_trials(params)
+    teacher_path = models_dir / "teacher.safetensors"
+    reference = validation_metrics(teacher_path, prepared_dir)["accuracy"]
+    started = time.perf_counter()
+    records, memo = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, steps in enumerate(trials):
+            recipe = parse_recipe("search", {"source": params.source, "teacher": params.teacher, "steps": steps})
+            trial_dir = Path(scratch) / f"trial{index}"
+            trial_dir.mkdir()
+            start = time.perf_counter()
+            chain = compress(recipe, prepared_dir, models_dir / f"{params.source}.safetensors", teacher_path,
+                             trial_dir, compress_params, distill_params, memo=memo)
+            write_lineage(trial_dir, recipe, chain, teacher_path if params.teacher else None)
+            metrics = validation_metrics(Path(chain[-1].file), prepared_dir)
+            drop = 100 * (reference - metrics["accuracy"])
+            records.append({"trial": index, "steps": steps, "val_accuracy": metrics["accuracy"],
+                            "accuracy_drop_points": drop, "file_bytes": metrics["file_bytes"],
+                            "latency_ms_p50": metrics["latency_ms_p50"], "within_tolerance": drop <= params.max_accuracy_drop,
+                            "seconds": time.perf_counter() - start})
+            print(f"trial {index}: {' > '.join(s['method'] for s in steps)} {steps} -> val accuracy "
+                  f"{metrics['accuracy']:.4f} (drop {drop:+.2f}), {metrics['file_bytes']:,} bytes, "
+                  f"p50 {metrics['latency_ms_p50']:.3f} ms")
+        passing = [r for r in records if r["within_tolerance"]]
+        # Nothing within tolerance: the closest trial becomes the candidate, and the gate will say why it fails.
+        best = (min(passing, key=lambda r: r[params.objective]) if passing
+                else min(records, key=lambda r: r["accuracy_drop_points"]))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(Path(scratch) / f"trial{best['trial']}", out_dir)
+    return {"objective": params.objective, "max_accuracy_drop": params.max_accuracy_drop,
+            "teacher_val_accuracy": reference, "trials": records, "best": best["trial"],
+            "found": bool(passing), "seconds": time.perf_counter() - started}
+
+
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prepared_dir", type=Path)
+    parser.add_argument("validation_result", type=Path)
+    parser.add_argument("models_dir", type=Path, help="holds teacher/student/distilled .safetensors")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("record_out", type=Path)
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    require_validated(args.validation_result)
+    params = load_section("search", SearchParams, args.params)
+    plan_trials(params)  # bad templates fail here, before anything trains
+    record = search(args.prepared_dir, args.models_dir, args.out_dir, params,
+                    load_section("compress", CompressParams, args.params), load_section("distill", DistillParams, args.params))
+    write_json(args.record_out, record)
+    best = record["trials"][record["best"]]
+    print(f"search: {len(record['trials'])} trials in {record['seconds']:.0f} s; best by {params.objective}: trial "
+          f"{best['trial']} {best['steps']} ({'within' if record['found'] else 'NOT within'} "
+          f"{params.max_accuracy_drop} points) -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    run_main(run)
