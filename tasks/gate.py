@@ -68,14 +68,23 @@ def comparison_table(evaluation: dict, verdicts: dict) -> str:
                      status])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    fronts = evaluation["pareto"]
     note = (f"\n{evaluation['test_samples']} test samples; latency at batch 1 and throughput at "
             f"batch {evaluation['throughput_batch']} on {evaluation['threads']} CPU thread(s), on the runtime "
             f"the file is deployed on; speed-up is against the {reference} on its runtime, 'vs source' against "
-            f"the model a recipe started from on the same runtime.\n\n"
-            f"Pareto front, accuracy vs bytes: {', '.join(fronts['file_bytes'])}\n"
-            f"Pareto front, accuracy vs latency: {', '.join(fronts['latency_ms_p50'])}\n")
+            f"the model a recipe started from on the same runtime.\n" + pareto_tables(evaluation))
     return "\n".join(lines) + "\n" + note
+
+
+def pareto_tables(evaluation: dict) -> str:
+    """The models no other model beats on accuracy and cost at once, cheapest first."""
+    models, sections = evaluation["models"], []
+    for cost, title, unit, fmt in (("file_bytes", "accuracy vs bytes on disk", "bytes", "{:,}"),
+                                   ("latency_ms_p50", "accuracy vs batch-1 p50 latency", "p50 ms", "{:.3f}")):
+        rows = [f"| {name} | {100 * models[name]['accuracy']:.2f}% | {fmt.format(models[name][cost])} |"
+                for name in evaluation["pareto"][cost]]
+        sections.append(f"\nPareto front, {title}:\n\n| model | test accuracy | {unit} |\n|---|---|---|\n"
+                        + "\n".join(rows) + "\n")
+    return "".join(sections)
 
 
 def run(argv: list[str] | None = None) -> None:
