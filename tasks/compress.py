@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from tasks.io import file_sha256, read_json, run_main, write_json
-from tasks.models import count_parameters, load_model, save_model
+from tasks.models import count_parameters, load_model, read_config, save_model
 from tasks.params import PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, from_dict, load_section
 from tasks.pruning import magnitude_prune, sparsity, structured_prune
 from tasks.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
@@ -42,6 +42,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 NEEDS_TEACHER = {"distill"}
 FINAL_ONLY = {"quantize"}  # its output is an ONNX Runtime model: no PyTorch step can follow
+FINETUNED = {"prune", "structured_prune", "share"}  # fine-tuned after the step, from the teacher if the recipe has one
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,11 @@ def compress(
             shutil.copy2(link.file, out_dir / Path(link.file).name)
             chain.append(dataclasses.replace(link, file=str(out_dir / Path(link.file).name)))
             continue
-        recipe_train = finetune_recipe(config, params.finetune)
-        finetune = make_finetune(prepared_dir, recipe_train, desc=f"{recipe.name}:{step.method}",
-                                 teacher_path=teacher, distill=distill_params if teacher else None)
+        finetune = None
+        if step.method in FINETUNED:
+            finetune = make_finetune(prepared_dir, finetune_recipe(config, params.finetune),
+                                     desc=f"{recipe.name}:{step.method}", teacher_path=teacher,
+                                     distill=distill_params if teacher else None)
         step_config = copy.deepcopy(config)
         step_config.update(role=f"{recipe.name}/step{index}",
                            compression={"recipe": recipe.name, "step": index, "method": step.method,
@@ -267,7 +270,7 @@ def run(argv: list[str] | None = None) -> None:
         raise ParamsError(f"{args.params}: compress.recipes has no recipe {args.recipe!r}")
     recipe = load_recipes(params)[args.recipe]  # every recipe checked: a typo elsewhere fails every branch early
     distill_params = load_section("distill", DistillParams, args.params)
-    finetune_recipe(load_model(args.source)[1], params.finetune)  # bad overrides fail before any work
+    finetune_recipe(read_config(args.source), params.finetune)  # bad overrides fail before any work
     # Build in a scratch directory and swap it in whole: a failed run leaves no half-written candidate.
     scratch = args.out_dir.with_name(args.out_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)

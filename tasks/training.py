@@ -251,6 +251,7 @@ def make_finetune(prepared_dir: Path, recipe: TrainParams, desc: str = "finetune
     teacher = load_model(teacher_path)[0] if teacher_path is not None else None
 
     def finetune(model: nn.Module) -> None:
+        torch.manual_seed(recipe.seed)  # dropout and mixup draw from the global RNG: seed it, as train_model does
         fit(model, train, val, recipe, fingerprint=desc, desc=desc, teacher=teacher, distill=distill)
 
     return finetune
