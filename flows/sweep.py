@@ -13,7 +13,6 @@ recorded in dvc.lock — training is deterministic, so they are exactly what
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import shutil

@@ -28,7 +28,7 @@ from tasks.compress import BASE_MODELS, CompressParams, compress, parse_recipe, 
 from tasks.evaluate import measure_speed
 from tasks.io import read_json, run_main, write_json
 from tasks.models import load_model
-from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, ParamsError, _require, load_section
+from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, _require, load_section
 from tasks.quantization import OnnxClassifier
 from tasks.training import load_split, predict_logits
 from tasks.validate import require_validated

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from tasks.io import atomic_path, file_sha256, read_json, read_split, write_json
 from tasks.models import build_model, count_parameters, load_model, save_model
 from tasks.params import PARAMS_FILE, DistillParams, ModelParams, TrainParams, as_dict
-from tasks.validate import require_validated
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 

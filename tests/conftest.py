@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import DataParams, DistillParams, ModelParams, TrainParams, from_dict
+from tasks.params import DataParams, DistillParams, ModelParams, from_dict
 from tasks.prepare import prepare, write_prepared
 from tasks.workspace import copy_pipeline
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 import torch
 
-from tasks.encodings import decode_state, encode_state, pack_bits, unpack_bits
+from tasks.encodings import encode_state, pack_bits, unpack_bits
 from tasks.models import build_model, count_parameters, load_model, save_model
 from tasks.params import ParamsError
 from tasks.pruning import magnitude_prune, sparsity, structured_prune
