@@ -150,7 +150,11 @@ def pipeline(force: bool = False) -> list[str]:
     """Bring every stage up to date (all of them with `force`); returns the stages that ran."""
     params = load_section("orchestration", OrchestrationParams)
     stages = load_stages()
-    names = set(stages) if force else with_downstream(stages, stale_stages())
+    stale = stale_stages()
+    tracked_data = sorted(name for name in stale if name.endswith(".dvc"))  # `dvc add`-ed raw files
+    if tracked_data:
+        record_in_dvc_lock(tracked_data)  # as `dvc repro` does before the stages that read them
+    names = set(stages) if force else with_downstream(stages, stale - set(tracked_data))
     if not names:
         print("all stages are up to date; nothing to run")
         return []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
@@ -10,13 +9,7 @@ import httpx
 import pytest
 
 from tasks.workspace import copy_pipeline
-from tests.conftest import run, tiny_params, tool_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, run, tiny_params, tool_env
 
 
 @pytest.fixture

@@ -1,0 +1,206 @@
+"""`shrinkflow`: lineage, registry, promotion, rollback and reproduction from the command line.
+
+    shrinkflow lineage <candidate | version | production> [--json]
+    shrinkflow registry
+    shrinkflow promote [--candidate NAME (--approve | --reject) --reviewer WHO --comment WHY] [--timeout S]
+    shrinkflow rollback --reviewer WHO --comment WHY
+    shrinkflow reproduce <version | production> [--into DIR] [--repo URL]
+    shrinkflow push | pull
+
+Storage (local directory or S3) comes from params.yaml:storage; credentials from the AWS chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tasks.lineage import candidate_lineage, format_lineage, reproduce
+from tasks.params import load_section
+from tasks.registry import Registry, RegistryError, RegistryParams
+from tasks.storage import StorageParams, configure_dvc_remote, registry_store
+
+
+def open_registry(root: Path) -> Registry:
+    return Registry(registry_store(load_section("storage", StorageParams), root),
+                    load_section("registry", RegistryParams).model_name)
+
+
+def version_number(registry: Registry, ref: str) -> int | None:
+    """`production`, `3` or `v3` as a version number; None if `ref` names no version (a candidate, then)."""
+    if ref == "production":
+        alias = registry.alias()
+        if alias is None:
+            raise RegistryError(f"{registry.location}: nothing is in production yet")
+        return alias["version"]
+    digits = ref.removeprefix("v")
+    return int(digits) if digits.isdigit() else None
+
+
+def show_lineage(root: Path, ref: str, as_json: bool) -> None:
+    registry = open_registry(root)
+    number = version_number(registry, ref)
+    if number is None:
+        record, heading = candidate_lineage(root, ref), None
+    else:
+        record = json.loads(registry.read(number, "lineage.json"))
+        approval = json.loads(registry.read(number, "approval.json"))
+        alias = registry.alias()
+        heading = (f"{registry.model} version {number}" + (" (production)" if alias and alias["version"] == number
+                                                           else "")
+                   + f": candidate {record['candidate']}, approved by {approval['reviewer']} at "
+                   f"{approval['decided_at']} ({approval['comment']!r})\n  remote    {record['remote']['url']}")
+    print(json.dumps(record, indent=2) if as_json else format_lineage(record, heading))
+
+
+def show_registry(root: Path) -> None:
+    registry = open_registry(root)
+    alias = registry.alias()
+    print(f"registry {registry.location}")
+    print(f"{'':2}{'version':>7}  {'candidate':<16} {'model sha256':<14} {'bytes':>9}  {'approved by':<12} "
+          f"{'git revision':<13} created")
+    for v in registry.versions():
+        model = next(f for name, f in v["files"].items() if name.startswith("model."))
+        mark = "*" if alias and alias["version"] == v["version"] else ""
+        print(f"{mark:<2}{v['version']:>7}  {v['candidate']:<16} {v['model_sha256'][:12]:<14} {model['bytes']:>9,}  "
+              f"{v['approved_by']:<12} {v['git_revision'][:12]:<13} {v['created_at']}")
+    if alias:
+        print(f"production -> version {alias['version']} ({alias['candidate']}); earlier: {alias['history']}")
+        for move in alias["log"]:
+            print(f"  {move['at']}  {move['action']:<8} {move['from']} -> {move['version']}  by {move['by']}: "
+                  f"{move['reason']}")
+    else:
+        print("production -> (none)")
+    if registry.incomplete():
+        print(f"incomplete uploads (never became versions): {registry.incomplete()}")
+    for review in registry.reviews():
+        if review["decision"] != "rollback":
+            print(f"  {review['recorded_at']}  {review['decision']:<8} {review.get('candidate', '')} "
+                  f"{('by ' + review['reviewer'] + ': ' + review['comment']) if 'reviewer' in review else ''}"
+                  + (f" ({'; '.join(review['reasons'])})" if review.get("reasons") else ""))
+
+
+def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> int:
+    registry = open_registry(root)
+    number = version_number(registry, ref)
+    if number is None:
+        raise RegistryError(f"{ref!r} is not a registry version (a number, v<number> or production)")
+    manifest = registry.verify(number)
+    record = json.loads(registry.read(number, "lineage.json"))
+    workdir = Path(into or tempfile.mkdtemp(prefix=f"shrinkflow-v{number}-"))
+    print(f"reproducing {registry.model} version {number} ({record['candidate']}) at git "
+          f"{record['code']['git_revision'][:12]} in {workdir}, data from {record['remote']['url']}")
+    checks = reproduce(record, repo or str(root), record["remote"]["url"], workdir,
+                       load_section("storage", StorageParams))
+    checks.append({"what": "registry model file (sha256)", "expected": manifest["model_sha256"],
+                   "actual": record["files"][0]["sha256"],
+                   "match": manifest["model_sha256"] == record["files"][0]["sha256"]})
+    for check in checks:
+        print(f"  {'ok  ' if check['match'] else 'DIFF'} {check['what']}: {str(check['actual'])[:16]}"
+              + ("" if check["match"] else f" (recorded {str(check['expected'])[:16]})"))
+    failed = sum(not c["match"] for c in checks)
+    print(f"{len(checks) - failed} of {len(checks)} hashes match" + ("" if not failed else f"; {failed} differ"))
+    return 1 if failed else 0
+
+
+def paused_promotions(client) -> list[dict]:
+    response = client.request("POST", "/flow_runs/filter", json={
+        "limit": 10, "offset": 0, "sort": "EXPECTED_START_TIME_DESC",
+        "flows": {"name": {"any_": ["shrinkflow-promote"]}},
+        "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
+    return response.json()
+
+
+def submit_review(review: dict, wait_seconds: float = 120) -> str:
+    """Answer the paused promotion's form through the Prefect API, exactly as the UI does."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + wait_seconds
+    with get_client(sync_client=True) as client:
+        while not (runs := paused_promotions(client)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no paused shrinkflow-promote flow run to review")
+            time.sleep(0.5)
+        response = client.request("POST", f"/flow_runs/{runs[0]['id']}/resume", json={"run_input": review})
+        result = response.json()
+        if result.get("status") != "ACCEPT":
+            raise ValueError(f"the review was not accepted: {result.get('details')}")
+    return runs[0]["id"]
+
+
+def run_promotion(args: argparse.Namespace) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.promote import promotion
+
+    if args.decision:
+        with get_client(sync_client=True) as client:
+            client.hello()  # starts the local API, if one is needed, before the two threads share it
+        review = {"candidate": args.candidate, "decision": args.decision, "reviewer": args.reviewer,
+                  "comment": args.comment}
+        threading.Thread(target=submit_review, args=(review,), daemon=True).start()
+    print(json.dumps(promotion(timeout_seconds=args.timeout)))
+
+
+def dvc(root: Path, command: str) -> int:
+    url = configure_dvc_remote(root, load_section("storage", StorageParams))
+    print(f"dvc {command} with remote {url}")
+    return subprocess.run([sys.executable, "-m", "dvc", command], cwd=root).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shrinkflow", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    lineage = commands.add_parser("lineage", help="print a candidate's or a registry version's lineage")
+    lineage.add_argument("ref", help="candidate name, version number (3 or v3) or production")
+    lineage.add_argument("--json", action="store_true")
+    commands.add_parser("registry", help="list versions, the production alias and review decisions")
+    promote = commands.add_parser("promote", help="run the promotion flow (pauses for a review)")
+    promote.add_argument("--candidate")
+    decision = promote.add_mutually_exclusive_group()
+    decision.add_argument("--approve", dest="decision", action="store_const", const="approve")
+    decision.add_argument("--reject", dest="decision", action="store_const", const="reject")
+    promote.add_argument("--reviewer", default="")
+    promote.add_argument("--comment", default="")
+    promote.add_argument("--timeout", type=int, help="seconds to wait for the review (default: params.yaml)")
+    rollback = commands.add_parser("rollback", help="point production back at the previous version")
+    rollback.add_argument("--reviewer", required=True)
+    rollback.add_argument("--comment", required=True)
+    reproduce_cmd = commands.add_parser("reproduce", help="fresh clone at the recorded revision, pull, compare")
+    reproduce_cmd.add_argument("ref", help="version number (3 or v3) or production")
+    reproduce_cmd.add_argument("--into", help="directory for the clone (default: a new temporary one)")
+    reproduce_cmd.add_argument("--repo", help="git URL to clone (default: this repository)")
+    commands.add_parser("push", help="dvc push to the remote configured in params.yaml:storage")
+    commands.add_parser("pull", help="dvc pull from the remote configured in params.yaml:storage")
+    args = parser.parse_args(argv)
+    if args.command == "promote" and args.decision and not (args.candidate and args.reviewer):
+        parser.error("--approve/--reject need --candidate and --reviewer")
+    root = Path.cwd()
+    try:
+        if args.command == "lineage":
+            show_lineage(root, args.ref, args.json)
+        elif args.command == "registry":
+            show_registry(root)
+        elif args.command == "promote":
+            run_promotion(args)
+        elif args.command == "rollback":
+            alias = open_registry(root).rollback(args.reviewer, args.comment)
+            print(f"production -> version {alias['version']} ({alias['candidate']})")
+        elif args.command == "reproduce":
+            return run_reproduce(root, args.ref, args.into, args.repo)
+        else:
+            return dvc(root, args.command)
+    except (RegistryError, KeyError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Lineage of a candidate, derived from dvc.lock: the single record of what produced what.
+
+Starting at the stage that wrote the candidate, the record follows every dependency
+to the stage that wrote it, up to the prepared and raw data, with the hashes and
+params dvc.lock holds for each. Added: the compression steps inside the candidate's
+stage (each step file's sha256, from its lineage.json), the git revision, metrics and
+gate verdict. `problems` lists what breaks the chain; a candidate with problems
+cannot be promoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from tasks.io import file_sha256, read_json
+
+TEACHER = "models/teacher.safetensors"
+PREPARED = "data/prepared"
+RAW = "data/raw"
+RESULT_STAGES = ("evaluate", "gate")  # their outputs (metrics, verdicts) must describe the current models
+
+
+def read_lock(root: Path) -> dict[str, dict]:
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        raise FileNotFoundError(f"{lock}: missing; run `dvc repro` (or the Prefect flow) first")
+    return yaml.safe_load(lock.read_text())["stages"]
+
+
+def within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def producer(lock: dict[str, dict], path: str) -> str | None:
+    """The stage whose outputs include `path` (or a directory holding it)."""
+    for name, entry in lock.items():
+        if any(within(path, out["path"]) for out in entry.get("outs", [])):
+            return name
+    return None
+
+
+def ancestry(lock: dict[str, dict], stage: str) -> list[str]:
+    """`stage` and every stage it depends on, directly or not; each stage before the stages it came from."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            for dep in lock[name].get("deps", []):
+                if (parent := producer(lock, dep["path"])) and parent != name:
+                    visit(parent)
+            order.append(name)
+
+    visit(stage)
+    return order[::-1]
+
+
+def stage_record(entry: dict) -> dict:
+    return {"cmd": entry["cmd"],
+            "deps": {d["path"]: d["md5"] for d in entry.get("deps", [])},
+            "outs": {o["path"]: o["md5"] for o in entry.get("outs", [])},
+            "params": entry.get("params", {}).get("params.yaml", {})}
+
+
+def broken_links(lock: dict[str, dict], chain: list[str]) -> list[str]:
+    """Dependencies whose hash in dvc.lock differs from the hash their producer recorded."""
+    problems = []
+    for name in chain:
+        for dep in lock[name].get("deps", []):
+            source = producer(lock, dep["path"])
+            outs = {o["path"]: o["md5"] for o in lock[source]["outs"]} if source else {}
+            if dep["path"] in outs and outs[dep["path"]] != dep["md5"]:
+                problems.append(f"dvc.lock: {name} used {dep['path']} {dep['md5']}, but {source} recorded "
+                                f"{outs[dep['path']]}; rerun `dvc repro`")
+    return problems
+
+
+def stage_status(root: Path, names: list[str]) -> dict[str, list]:
+    """`dvc status` of the named stages: those whose files, code or params differ from dvc.lock."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *names], cwd=root,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc status in {root} failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout or "{}")
+
+
+def uncached_outs(root: Path) -> set[str]:
+    """Outputs dvc.yaml keeps out of the cache (`cache: false`): never pushed, so never pulled."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(".") as repo:  # DVC resolves some paths against the cwd
+        return {str(out.def_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+
+
+def stale_stage_problems(root: Path, names: list[str]) -> list[str]:
+    return [f"{name} changed since dvc.lock ({describe_change(change)}); run `dvc repro` or the flow"
+            for name, change in stage_status(root, names).items()]
+
+
+def describe_change(change: list) -> str:
+    parts = []
+    for item in change:
+        if isinstance(item, dict):
+            for kind, paths in item.items():
+                parts.append(f"{kind}: " + ", ".join(f"{p} {s}" for p, s in paths.items())
+                             if isinstance(paths, dict) else kind)
+        else:
+            parts.append(str(item))
+    return "; ".join(parts)
+
+
+def git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def code_state(root: Path, paths: list[str]) -> tuple[dict, list[str]]:
+    """Git revision and dirty flag; problems if a file the lineage rests on is not committed."""
+    revision = git(root, "rev-parse", "HEAD")
+    if revision.returncode != 0:
+        return {"git_revision": None, "dirty": True}, [f"{root}: no git commit; commit dvc.lock and the code"]
+    dirty = bool(git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip())
+    uncommitted = [line[3:] for line in git(root, "status", "--porcelain", "--", *paths).stdout.splitlines()]
+    problems = [f"{path}: not committed at {revision.stdout.strip()[:12]}" for path in uncommitted]
+    return {"git_revision": revision.stdout.strip(), "dirty": dirty}, problems
+
+
+def deployable_files(root: Path, metrics: dict) -> list[Path]:
+    """The model file the candidate is measured by, plus its ONNX export if it is deployed on ONNX Runtime."""
+    model = root / metrics["file"]
+    files = [model]
+    steps = model.parent / "lineage.json"
+    if metrics["runtime"] == "onnxruntime" and model.suffix != ".onnx" and steps.is_file():
+        files.append(model.parent / read_json(steps)["runtime_onnx"])
+    return files
+
+
+def compression_steps(root: Path, model: Path) -> tuple[list[dict], list[str]]:
+    """The steps recorded in the candidate's lineage.json, each file checked against its recorded sha256."""
+    path = model.parent / "lineage.json"
+    if not path.is_file():
+        return [], []
+    steps, problems = read_json(path)["chain"], []
+    for step in steps:
+        file = root / step["file"] if step["method"] == "source" else model.parent / step["file"]
+        if not file.is_file() or file_sha256(file) != step["sha256"]:
+            problems.append(f"{path}: step {step['method']} {step['file']} does not match its sha256")
+    return steps, problems
+
+
+def candidate_lineage(root: Path, candidate: str) -> dict:
+    """The lineage record of one evaluated candidate in the workspace at `root`."""
+    root = Path(root).resolve()
+    evaluation = read_json(root / "reports" / "evaluation.json")
+    verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
+    if candidate not in evaluation["models"]:
+        raise KeyError(f"unknown candidate {candidate!r}; evaluated: {', '.join(evaluation['models'])}")
+    metrics = evaluation["models"][candidate]
+    lock = read_lock(root)
+    stage = producer(lock, metrics["file"])
+    problems = [] if stage else [f"dvc.lock: no stage records {metrics['file']}"]
+    chain = ancestry(lock, stage) if stage else []
+    stages = {name: stage_record(lock[name]) for name in chain}
+    files = deployable_files(root, metrics)
+    steps, step_problems = compression_steps(root, files[0])
+
+    def node(path: str) -> dict | None:
+        name = producer(lock, path)
+        if name not in stages:
+            return None
+        return {"path": path, "stage": name, "md5": stages[name]["outs"].get(path)
+                or next(md5 for out, md5 in stages[name]["outs"].items() if within(path, out))}
+
+    teacher, prepared = node(TEACHER), node(PREPARED)
+    if teacher is None:
+        problems.append(f"{candidate} does not derive from the teacher ({TEACHER}) in dvc.lock")
+    else:
+        teacher["sha256"] = file_sha256(root / TEACHER)
+    if prepared is None:
+        problems.append(f"{candidate} does not derive from {PREPARED} in dvc.lock")
+    raw = {"path": RAW, "md5": stages[prepared["stage"]]["deps"].get(RAW)} if prepared else None
+    if chain:
+        problems += broken_links(lock, chain) + stale_stage_problems(root, chain + [s for s in RESULT_STAGES if s in lock])
+    tracked = ["dvc.lock", "dvc.yaml", "params.yaml"] + sorted(
+        {p for s in stages.values() for p in s["deps"] if not producer(lock, p)})
+    code, code_problems = code_state(root, tracked)
+    verdict = verdicts.get(candidate)
+    return {
+        "candidate": candidate,
+        "stage": stage,
+        "files": [{"path": str(f.relative_to(root)), "sha256": file_sha256(f), "bytes": f.stat().st_size}
+                  for f in files if f.is_file()],
+        "steps": steps,
+        "teacher": teacher,
+        "data": {"source": stages[prepared["stage"]]["params"].get("data", {}).get("source") if prepared else None,
+                 "raw": raw, "prepared": prepared},
+        "stages": stages,
+        "code": code,
+        "metrics": {k: v for k, v in metrics.items() if k != "file"},
+        "gate": {"passed": verdict["passed"], "failures": verdict["failures"]} if verdict else None,
+        "problems": problems + step_problems + code_problems,
+        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def short(digest: str | None) -> str:
+    return (digest or "—")[:12]
+
+
+def flatten(values: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested params as (dotted.key, value) pairs; lists stay whole."""
+    pairs = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            pairs += flatten(value, f"{prefix}{key}.")
+        else:
+            pairs.append((f"{prefix}{key}", json.dumps(value, separators=(",", ":"))))
+    return pairs
+
+
+def format_lineage(record: dict, heading: str | None = None) -> str:
+    """The record as a readable chain, newest first, down to the raw data."""
+    m, gate = record["metrics"], record["gate"]
+    lines = [heading or f"candidate {record['candidate']}"]
+    for f in record["files"]:
+        lines.append(f"  file      {f['path']}  sha256 {short(f['sha256'])}  {f['bytes']:,} bytes")
+    verdict = "—" if gate is None else "PASS" if gate["passed"] else "FAIL: " + "; ".join(gate["failures"])
+    lines.append(f"  metrics   accuracy {100 * m['accuracy']:.2f} %  {m['size_reduction']:.1f}x smaller  "
+                 f"{m['speedup']:.2f}x faster ({m['runtime']})  gate {verdict}")
+    code = record["code"]
+    lines.append(f"  code      git {short(code['git_revision'])}" + ("  (dirty tree)" if code["dirty"] else "  (clean)"))
+    if record["steps"]:
+        lines.append(f"  steps in {record['stage']}:")
+        for step in reversed(record["steps"]):
+            settings = ", ".join(f"{k}={v}" for k, v in step["settings"].items())
+            lines.append(f"    {step['method']:<17} {step['file']:<34} sha256 {short(step['sha256'])}  {settings}")
+    lines.append("  stages (dvc.lock):")
+    for name, stage in record["stages"].items():
+        outs = ", ".join(f"{path} md5 {short(md5)}" for path, md5 in stage["outs"].items())
+        lines.append(f"    {name:<24} {outs}")
+        settings = [f"{key}={value}" for key, value in flatten(stage["params"])]
+        for line in textwrap.wrap("  ".join(settings), 100, break_long_words=False):
+            lines.append(f"    {'':<24}   {line}")
+    if record["teacher"]:
+        t = record["teacher"]
+        lines.append(f"  teacher   {t['path']}  md5 {short(t['md5'])}  sha256 {short(t['sha256'])}  ({t['stage']})")
+    data = record["data"]
+    if data["prepared"]:
+        lines.append(f"  data      {data['prepared']['path']} md5 {short(data['prepared']['md5'])}  <-  "
+                     f"{data['raw']['path']} md5 {short(data['raw']['md5'])}  (source {data['source']})")
+    lines.append("  lineage   " + ("complete" if not record["problems"] else "INCOMPLETE"))
+    lines += [f"    - {p}" for p in record["problems"]]
+    return "\n".join(lines)
+
+
+
+def reproduce(record: dict, repo_url: str, remote_url: str, workdir: Path, storage) -> list[dict]:
+    """Clone `repo_url` at the recorded revision into `workdir`, pull the lineage from the DVC remote
+    and compare every recorded hash with what arrived. Returns one check per hash."""
+    from tasks.storage import configure_dvc_remote
+
+    revision, stage = record["code"]["git_revision"], record["stage"]
+    steps = [["git", "clone", "--quiet", "--no-checkout", repo_url, str(workdir)],
+             ["git", "-C", str(workdir), "checkout", "--quiet", revision]]
+    for command in steps:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    configure_dvc_remote(workdir, storage, url=remote_url)
+    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "--with-deps", stage], cwd=workdir,
+                            capture_output=True, text=True)
+    if pulled.returncode != 0:
+        raise RuntimeError(f"dvc pull from {remote_url} failed: {(pulled.stderr or pulled.stdout).strip()[-2000:]}")
+    lock, uncached = read_lock(workdir), uncached_outs(workdir)
+    changed, checks = set(), []
+    for name, changes in stage_status(workdir, list(record["stages"])).items():
+        for item in changes:
+            for kind, paths in (item.items() if isinstance(item, dict) else [(item, None)]):
+                if kind == "changed outs":
+                    changed |= set(paths)
+                else:
+                    checks.append({"what": f"{name}: {kind}", "expected": "unchanged", "actual": str(paths)})
+    for name, stage_entry in record["stages"].items():
+        recorded = {o["path"]: o["md5"] for o in lock.get(name, {}).get("outs", [])}
+        for path, md5 in stage_entry["outs"].items():
+            if path not in uncached:  # reports kept in git or not at all; the remote has the rest
+                actual = "pulled files differ" if path in changed else recorded.get(path)
+                checks.append({"what": f"{name}: {path} (md5)", "expected": md5, "actual": actual})
+    files = [(f["path"], f["sha256"]) for f in record["files"]]
+    if record["teacher"]:
+        files.append((record["teacher"]["path"], record["teacher"]["sha256"]))
+    for path, digest in files:
+        local = workdir / path
+        checks.append({"what": f"{path} (sha256)", "expected": digest,
+                       "actual": file_sha256(local) if local.is_file() else "missing"})
+    for check in checks:
+        check["match"] = check["expected"] == check["actual"]
+    return checks
