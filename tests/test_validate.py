@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from tests.conftest import TINY_PARAMS
 DATA = from_dict(DataParams, TINY_PARAMS["data"], "data")
 
 
-def corrupted_copy(digits_dir, tmp_path, split: str, change) -> "Path":
+def corrupted_copy(digits_dir, tmp_path, split: str, change) -> Path:
     out = tmp_path / "prepared"
     shutil.copytree(digits_dir, out)
     X, y = read_split(out, split)
