@@ -79,11 +79,13 @@ def show_registry(root: Path) -> None:
         print("production -> (none)")
     if registry.incomplete():
         print(f"incomplete uploads (never became versions): {registry.incomplete()}")
-    for review in registry.reviews():
-        if review["decision"] != "rollback":
-            print(f"  {review['recorded_at']}  {review['decision']:<8} {review.get('candidate', '')} "
-                  f"{('by ' + review['reviewer'] + ': ' + review['comment']) if 'reviewer' in review else ''}"
-                  + (f" ({'; '.join(review['reasons'])})" if review.get("reasons") else ""))
+    decisions = [r for r in registry.reviews() if r["decision"] != "rollback"]  # rollbacks are in the log
+    if decisions:
+        print("decisions without a new version (rejected, refused, timed out, already registered):")
+    for review in decisions:
+        by = f"by {review['reviewer']}: {review['comment']}" if "reviewer" in review else ""
+        why = f" ({'; '.join(review['reasons'])})" if review.get("reasons") else ""
+        print(f"  {review['recorded_at']}  {review['decision']:<8} {review.get('candidate', '')} {by}{why}")
 
 
 def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> int:
