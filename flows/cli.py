@@ -119,8 +119,8 @@ def paused_promotions(client) -> list[dict]:
     return response.json()
 
 
-def submit_review(review: dict, wait_seconds: float = 120) -> str:
-    """Answer the paused promotion's form through the Prefect API, exactly as the UI does."""
+def wait_for_review_form(wait_seconds: float = 120) -> str:
+    """The id of the newest promotion flow run paused for its review."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + wait_seconds
@@ -129,18 +129,31 @@ def submit_review(review: dict, wait_seconds: float = 120) -> str:
             if time.monotonic() > deadline:
                 raise TimeoutError("no paused shrinkflow-promote flow run to review")
             time.sleep(0.5)
-        response = client.request("POST", f"/flow_runs/{runs[0]['id']}/resume", json={"run_input": review})
-        result = response.json()
-        if result.get("status") != "ACCEPT":
-            raise ValueError(f"the review was not accepted: {result.get('details')}")
     return runs[0]["id"]
+
+
+def submit_review(review: dict) -> str:
+    """Answer the paused promotion's form through the Prefect API, exactly as the UI does."""
+    from prefect.client.orchestration import get_client
+
+    flow_run_id = wait_for_review_form()
+    with get_client(sync_client=True) as client:
+        result = client.request("POST", f"/flow_runs/{flow_run_id}/resume", json={"run_input": review}).json()
+    if result.get("status") != "ACCEPT":
+        raise ValueError(f"the review was not accepted: {result.get('details')}")
+    return flow_run_id
 
 
 def run_promotion(args: argparse.Namespace) -> None:
     from prefect.client.orchestration import get_client
 
+    from prefect.settings import PREFECT_API_URL
+
     from flows.promote import promotion
 
+    if not args.decision and not PREFECT_API_URL.value():
+        raise ValueError("no Prefect server to review in (PREFECT_API_URL is not set): start one and set it, "
+                         "or decide here with --candidate NAME --approve|--reject --reviewer WHO")
     if args.decision:
         with get_client(sync_client=True) as client:
             client.hello()  # starts the local API, if one is needed, before the two threads share it

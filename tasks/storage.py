@@ -125,7 +125,8 @@ class S3Store:
 
         self.bucket = params.bucket
         self.prefix = prefix
-        self.location = f"s3://{params.bucket}/{prefix}" + (f" at {params.endpoint_url}" if params.endpoint_url else "")
+        self.location = f"s3://{params.bucket}/{prefix}"
+        self.endpoint = params.endpoint_url or "AWS"
         self.attempts = params.attempts
         self.client = boto3.session.Session().client(
             "s3", region_name=params.region, endpoint_url=params.endpoint_url or None,
@@ -138,8 +139,8 @@ class S3Store:
         try:
             return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
         except (ConnectionError, HTTPClientError) as e:
-            raise StorageUnavailable(f"{self.location}: {operation} {key} failed after {self.attempts} "
-                                     f"attempts: {e}") from e
+            raise StorageUnavailable(f"{self.location} ({self.endpoint}): {operation} {key} failed after "
+                                     f"{self.attempts} attempts: {e}") from e
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict"):

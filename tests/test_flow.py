@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import CANDIDATES_ARTIFACT, GATE_ARTIFACT, VALIDATION_ARTIFACT, StageRejected, pipeline
@@ -16,7 +15,7 @@ from flows.sweep import SWEEP_ARTIFACT, sweep, trial_settings
 from tasks.io import file_sha256
 from tasks.params import SweepParams
 from tasks.workspace import ROOT, copy_pipeline, write_params
-from tests.conftest import run, tiny_params
+from tests.conftest import api_filter, run, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +28,6 @@ def out_hashes(repo) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     return {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])
             if not out["path"].startswith("reports/")}  # reports hold timings and timestamps
-
-
-def api_filter(resource: str, body: dict) -> list[dict]:
-    """POST /<resource>/filter on the test server, as the UI does."""
-    # prefect 3.8's typed client sends null for omitted filters, which this fastapi rejects (422),
-    # and an empty flow-run/task-run filter drops artifacts that belong to no task run.
-    with get_client(sync_client=True) as client:
-        response = client.request("POST", f"/{resource}/filter", json={"limit": 100, "offset": 0, **body})
-    return response.json()
 
 
 def read_artifact(key: str) -> list[dict]:

@@ -16,7 +16,7 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 from sklearn.datasets import load_digits
 
-from flows.cli import submit_review
+from flows.cli import submit_review, wait_for_review_form
 from flows.promote import promotion
 from tasks.io import file_sha256
 from tasks.lineage import candidate_lineage, read_lock
@@ -24,7 +24,7 @@ from tasks.promote import PromotionRefused, promote, push_lineage
 from tasks.registry import Registry
 from tasks.storage import S3Store, StorageParams, StorageUnavailable
 from tasks.workspace import copy_pipeline, write_params
-from tests.conftest import S3_CREDENTIALS, run, tiny_params
+from tests.conftest import S3_CREDENTIALS, api_filter, run, tiny_params
 
 
 def commit(repo: Path, message: str) -> None:
@@ -222,3 +222,25 @@ def test_s3_outage_mid_promotion_fails_after_retries_changes_nothing_and_a_rerun
     result = promote(repo, registry, record, approval)
     assert result["manifest"]["version"] == 3 and registry.alias()["version"] == 3
     assert registry.verify(3)["candidate"] == "search"
+
+
+def test_s3_down_once_approved_fails_the_flow_after_retries_and_an_approved_rerun_completes(
+        prefect_server, repo, s3_server):
+    def approve_after_outage() -> None:
+        wait_for_review_form()
+        s3_server.stop()  # the store goes down between the approval and the upload
+        submit_review({"candidate": "pruned", "decision": "approve", "reviewer": "ana", "comment": "ship"})
+
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(approve_after_outage,), daemon=True).start()
+    try:
+        with pytest.raises(StorageUnavailable, match="dvc push .* failed: .*Could not connect to the endpoint"):
+            promotion(timeout_seconds=120)
+    finally:
+        s3_server.start()
+    pushes = api_filter("task_runs", {"task_runs": {"name": {"like_": "push_data"}}, "sort": "EXPECTED_START_TIME_DESC"})
+    assert pushes[0]["run_count"] == 2  # retried (orchestration.retries: 1) before failing the flow
+    registry = registry_of(repo)
+    assert registry.versions() == [] and registry.alias() is None and registry.claimed_numbers() == []
+    result = review_and_run({"candidate": "pruned", "decision": "approve", "reviewer": "ana", "comment": "again"})
+    assert result["version"] == 1 and registry.alias()["version"] == 1
