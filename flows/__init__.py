@@ -1,1 +1,1 @@
-"""Prefect flows: wiring only; the stage code lives in tasks/."""
+"""Prefect flows and the `shrinkflow` CLI: wiring only; the code they run lives in tasks/."""

@@ -19,8 +19,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
+from tasks.io import file_sha256, read_json
 from tasks.lineage import candidate_lineage, format_lineage, reproduce
 from tasks.params import load_section
 from tasks.registry import Registry, RegistryError, RegistryParams
@@ -79,7 +81,7 @@ def show_registry(root: Path) -> None:
         print("production -> (none)")
     if registry.incomplete():
         print(f"incomplete uploads (never became versions): {registry.incomplete()}")
-    decisions = [r for r in registry.reviews() if r["decision"] != "rollback"]  # rollbacks are in the log
+    decisions = registry.reviews()
     if decisions:
         print("decisions without a new version (rejected, refused, timed out, already registered):")
     for review in decisions:
@@ -100,9 +102,10 @@ def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> i
           f"{record['code']['git_revision'][:12]} in {workdir}, data from {record['remote']['url']}")
     checks = reproduce(record, repo or str(root), record["remote"]["url"], workdir,
                        load_section("storage", StorageParams))
-    checks.append({"what": "registry model file (sha256)", "expected": manifest["model_sha256"],
-                   "actual": record["files"][0]["sha256"],
-                   "match": manifest["model_sha256"] == record["files"][0]["sha256"]})
+    cloned = workdir / record["files"][0]["path"]
+    checks.append({"what": f"registry model.* against the clone's {cloned.name} (sha256)",
+                   "expected": manifest["model_sha256"], "actual": file_sha256(cloned) if cloned.is_file() else "missing"})
+    checks[-1]["match"] = checks[-1]["expected"] == checks[-1]["actual"]
     for check in checks:
         print(f"  {'ok  ' if check['match'] else 'DIFF'} {check['what']}: {str(check['actual'])[:16]}"
               + ("" if check["match"] else f" (recorded {str(check['expected'])[:16]})"))
@@ -111,32 +114,32 @@ def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> i
     return 1 if failed else 0
 
 
-def paused_promotions(client) -> list[dict]:
+def paused_promotions(client, tag: str | None) -> list[dict]:
+    flow_runs = {"state": {"type": {"any_": ["PAUSED"]}}} | ({"tags": {"all_": [tag]}} if tag else {})
     response = client.request("POST", "/flow_runs/filter", json={
         "limit": 10, "offset": 0, "sort": "EXPECTED_START_TIME_DESC",
-        "flows": {"name": {"any_": ["shrinkflow-promote"]}},
-        "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
+        "flows": {"name": {"any_": ["shrinkflow-promote"]}}, "flow_runs": flow_runs})
     return response.json()
 
 
-def wait_for_review_form(wait_seconds: float = 120) -> str:
-    """The id of the newest promotion flow run paused for its review."""
+def wait_for_review_form(tag: str | None = None, wait_seconds: float = 120) -> str:
+    """The id of the newest promotion flow run (with `tag`, if given) paused for its review."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + wait_seconds
     with get_client(sync_client=True) as client:
-        while not (runs := paused_promotions(client)):
+        while not (runs := paused_promotions(client, tag)):
             if time.monotonic() > deadline:
                 raise TimeoutError("no paused shrinkflow-promote flow run to review")
             time.sleep(0.5)
     return runs[0]["id"]
 
 
-def submit_review(review: dict) -> str:
+def submit_review(review: dict, tag: str | None = None) -> str:
     """Answer the paused promotion's form through the Prefect API, exactly as the UI does."""
     from prefect.client.orchestration import get_client
 
-    flow_run_id = wait_for_review_form()
+    flow_run_id = wait_for_review_form(tag)
     with get_client(sync_client=True) as client:
         result = client.request("POST", f"/flow_runs/{flow_run_id}/resume", json={"run_input": review}).json()
     if result.get("status") != "ACCEPT":
@@ -144,23 +147,30 @@ def submit_review(review: dict) -> str:
     return flow_run_id
 
 
-def run_promotion(args: argparse.Namespace) -> None:
+def run_promotion(root: Path, args: argparse.Namespace) -> None:
+    import prefect
     from prefect.client.orchestration import get_client
-
     from prefect.settings import PREFECT_API_URL
 
     from flows.promote import promotion
 
-    if not args.decision and not PREFECT_API_URL.value():
-        raise ValueError("no Prefect server to review in (PREFECT_API_URL is not set): start one and set it, "
-                         "or decide here with --candidate NAME --approve|--reject --reviewer WHO")
-    if args.decision:
-        with get_client(sync_client=True) as client:
-            client.hello()  # starts the local API, if one is needed, before the two threads share it
-        review = {"candidate": args.candidate, "decision": args.decision, "reviewer": args.reviewer,
-                  "comment": args.comment}
-        threading.Thread(target=submit_review, args=(review,), daemon=True).start()
-    print(json.dumps(promotion(timeout_seconds=args.timeout)))
+    if not args.decision:
+        if not PREFECT_API_URL.value():
+            raise ValueError("no Prefect server to review in (PREFECT_API_URL is not set): start one and set "
+                             "it, or decide here with --candidate NAME --approve|--reject --reviewer WHO")
+        print(json.dumps(promotion(timeout_seconds=args.timeout)))
+        return
+    gated = read_json(root / "reports" / "gate.json")["verdicts"]
+    if args.candidate not in gated:
+        raise ValueError(f"--candidate {args.candidate!r}: not a gated candidate; gated: {', '.join(gated)}")
+    with get_client(sync_client=True) as client:
+        client.hello()  # starts the local API, if one is needed, before two threads share it
+    tag = f"cli-review-{uuid.uuid4().hex[:12]}"  # so the answer goes to this run, not another paused one
+    review = {"candidate": args.candidate, "decision": args.decision, "reviewer": args.reviewer,
+              "comment": args.comment}
+    threading.Thread(target=submit_review, args=(review, tag), daemon=True).start()
+    with prefect.tags(tag):
+        print(json.dumps(promotion(timeout_seconds=args.timeout or 300)))
 
 
 def dvc(root: Path, command: str) -> int:
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "registry":
             show_registry(root)
         elif args.command == "promote":
-            run_promotion(args)
+            run_promotion(root, args)
         elif args.command == "rollback":
             alias = open_registry(root).rollback(args.reviewer, args.comment)
             print(f"production -> version {alias['version']} ({alias['candidate']})")
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_reproduce(root, args.ref, args.into, args.repo)
         else:
             return dvc(root, args.command)
-    except (RegistryError, KeyError, FileNotFoundError, ValueError) as e:
+    except (RuntimeError, KeyError, OSError, ValueError) as e:  # storage, registry, dvc, bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

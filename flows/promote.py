@@ -25,9 +25,10 @@ from prefect.input import RunInput
 from prefect.tasks import exponential_backoff
 
 from tasks.params import OrchestrationParams, load_section
+from tasks.lineage import candidate_lineage
 from tasks.promote import PromotionRefused, gated_candidates, promote, push_lineage, refusals, review_description
 from tasks.registry import Registry, RegistryParams, now
-from tasks.storage import StorageParams, registry_store
+from tasks.storage import StorageParams, StorageUnavailable, registry_store
 
 PROMOTION_ARTIFACT = "shrinkflow-promotion"
 
@@ -49,9 +50,25 @@ def open_registry(root: Path) -> Registry:
     return Registry(registry_store(load_section("storage", StorageParams), root), params.model_name)
 
 
+def retry_if_unavailable(task, task_run, state) -> bool:
+    """Retry storage outages only; a refusal or a corrupt registry fails the same way again."""
+    try:
+        state.result()
+    except StorageUnavailable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 @task
 def collect_candidates(root: Path) -> dict[str, dict]:
     return gated_candidates(root)
+
+
+@task
+def current_lineage(root: Path, candidate: str) -> dict:
+    return candidate_lineage(root, candidate)
 
 
 @task
@@ -79,8 +96,9 @@ def promotion(timeout_seconds: int | None = None) -> dict:
     root = Path.cwd()
     registry_params = load_section("registry", RegistryParams)
     orchestration = load_section("orchestration", OrchestrationParams)
-    storage_task = {"retries": orchestration.retries,
+    storage_task = {"retries": orchestration.retries, "retry_condition_fn": retry_if_unavailable,
                     "retry_delay_seconds": exponential_backoff(orchestration.retry_delay_seconds)}
+    record_decision_task = record_decision.with_options(**storage_task)
     records = collect_candidates(root)
     if not records:
         raise PromotionRefused("reports/gate.json judged no candidate; run the pipeline first")
@@ -95,19 +113,21 @@ def promotion(timeout_seconds: int | None = None) -> dict:
                                 timeout=timeout_seconds or registry_params.review_timeout_seconds,
                                 poll_interval=registry_params.review_poll_seconds)
     except FlowPauseTimeout:
-        record_decision(root, {"decision": "timeout", "flow_run_id": flow_run_id, "decided_at": now()})
+        record_decision_task(root, {"decision": "timeout", "flow_run_id": flow_run_id, "decided_at": now()})
         publish("No decision", "The review timed out; nothing changed.")
         return {"outcome": "timeout"}
     decision = {"decision": review.decision, "candidate": review.candidate, "reviewer": review.reviewer,
                 "comment": review.comment, "flow_run_id": flow_run_id, "decided_at": now()}
     if review.decision == "reject":
-        record_decision(root, decision)
+        record_decision_task(root, decision)
         publish(f"Rejected {review.candidate}", f"by {review.reviewer}: {review.comment}\n\nNothing changed.")
         return {"outcome": "rejected", "candidate": review.candidate}
-    record = records[review.candidate]
-    reasons = refusals(record)
+    record = current_lineage(root, review.candidate)  # the workspace may have changed during the review
+    reviewed = records[review.candidate]
+    reasons = refusals(record) + [f"{what} changed while the review was open; start a new review"
+                                  for what in ("stages", "files", "gate") if record[what] != reviewed[what]]
     if reasons:
-        record_decision(root, dict(decision, decision="refused", reasons=reasons))
+        record_decision_task(root, dict(decision, decision="refused", reasons=reasons))
         publish(f"Refused {review.candidate}", "\n".join(f"- {r}" for r in reasons))
         raise PromotionRefused(f"{review.candidate} cannot be promoted although {review.reviewer} approved it: "
                                + "; ".join(reasons))

@@ -269,7 +269,9 @@ def reproduce(record: dict, repo_url: str, remote_url: str, workdir: Path, stora
     steps = [["git", "clone", "--quiet", "--no-checkout", repo_url, str(workdir)],
              ["git", "-C", str(workdir), "checkout", "--quiet", revision]]
     for command in steps:
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
     configure_dvc_remote(workdir, storage, url=remote_url)
     pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "--with-deps", stage], cwd=workdir,
                             capture_output=True, text=True)

@@ -8,7 +8,7 @@ Layout, one prefix per model name:
     <model>/versions/000003/approval.json  who approved it, when, why
     <model>/versions/000003/manifest.json  last write: sha256 of every file; the version exists from here on
     <model>/aliases/production.json        the version in production, with the history of every move
-    <model>/reviews/<time>-<id>.json       rejections, refusals, time-outs and rollbacks
+    <model>/reviews/<time>-<id>.json       rejections, refusals and time-outs (alias moves are in its log)
 
 Every write is conditional: versions are never overwritten (If-None-Match), and the alias
 moves by compare-and-swap (If-Match), only to a version whose files were read back and
@@ -118,15 +118,15 @@ class Registry:
         """Upload a new immutable version; returns its manifest. Nothing else (alias, old versions) changes."""
         documents = dict(files, **{"lineage.json": encode(lineage), "approval.json": encode(approval)})
         number = (self.claimed_numbers() or [0])[-1] + 1
+        claim = encode({"claimed_at": now(), "candidate": lineage["candidate"], "token": uuid.uuid4().hex})
         while True:  # a concurrent promotion may take the number first: take the next
             try:
-                self.store.put(self._version_key(number, "claim.json"),
-                               encode({"claimed_at": now(), "candidate": lineage["candidate"]}), if_absent=True)
+                self._create(self._version_key(number, "claim.json"), claim)
                 break
             except Conflict:
                 number += 1
         for name, data in documents.items():
-            self.store.put(self._version_key(number, name), data, if_absent=True)
+            self._create(self._version_key(number, name), data)
         for name, data in documents.items():
             found = self.store.get(self._version_key(number, name))
             if found is None or sha256(found[0]) != sha256(data):
@@ -138,8 +138,18 @@ class Registry:
             "git_revision": lineage["code"]["git_revision"], "approved_by": approval["reviewer"],
             "created_at": now(),
         }
-        self.store.put(self._version_key(number, "manifest.json"), encode(manifest), if_absent=True)
+        self._create(self._version_key(number, "manifest.json"), encode(manifest))
         return manifest
+
+    def _create(self, key: str, data: bytes) -> None:
+        """Write a new object; if it exists already with these very bytes (a retried request whose
+        first response was lost), that write was ours."""
+        try:
+            self.store.put(key, data, if_absent=True)
+        except Conflict:
+            found = self.store.get(key)
+            if found is None or found[0] != data:
+                raise
 
     def alias(self, name: str = ALIAS) -> dict | None:
         return self._read_json(f"{self.model}/aliases/{name}.json")
@@ -151,6 +161,8 @@ class Registry:
             found = self.store.get(key)
             current = json.loads(found[0]) if found else None
             number, history = choose(current)
+            if current and current["version"] == number:  # already there (e.g. our retried write landed)
+                return current
             manifest = self.verify(number)
             log = (current or {}).get("log", []) + [
                 {"action": action, "version": number, "from": (current or {}).get("version"), "by": actor,
@@ -167,10 +179,6 @@ class Registry:
 
     def promote(self, number: int, actor: str, reason: str) -> dict:
         """Point the alias at `number` (verified first); the version it left is kept in the history."""
-        current = self.alias()
-        if current and current["version"] == number:
-            return current
-
         def choose(current):
             history = (current or {}).get("history", [])
             return number, history + [current["version"]] if current else history
@@ -182,10 +190,7 @@ class Registry:
             if not current or not current["history"]:
                 raise RegistryError(f"{self.location}: no earlier version to roll back to")
             return current["history"][-1], current["history"][:-1]
-        record = self._move_alias(choose, actor, reason, "rollback")
-        self.record_review({"decision": "rollback", "reviewer": actor, "comment": reason,
-                            "version": record["version"], "from": record["log"][-1]["from"]})
-        return record
+        return self._move_alias(choose, actor, reason, "rollback")  # the alias log records it
 
     def record_review(self, review: dict) -> str:
         """Keep a decision that changed no version: rejection, refusal, time-out, rollback."""

@@ -38,8 +38,12 @@ class StorageParams:
                  f"bucket: a bucket name, not a URL or path, got {self.bucket!r}")
 
 
-class StorageUnavailable(RuntimeError):
-    """The store could not be reached after every retry."""
+class StorageError(RuntimeError):
+    """The store refused a request: missing bucket, no or wrong credentials, no permission."""
+
+
+class StorageUnavailable(StorageError):
+    """The store could not be reached, or kept failing, after every retry."""
 
 
 class Conflict(RuntimeError):
@@ -130,24 +134,34 @@ class S3Store:
         self.attempts = params.attempts
         self.client = boto3.session.Session().client(
             "s3", region_name=params.region, endpoint_url=params.endpoint_url or None,
-            config=Config(retries={"max_attempts": params.attempts, "mode": "standard"},
+            config=Config(retries={"total_max_attempts": params.attempts, "mode": "standard"},
                           connect_timeout=3, read_timeout=20))
 
     def _call(self, operation: str, key: str, **kwargs):
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
 
+        where = f"{self.location} ({self.endpoint}): {operation} {key}"
         try:
             return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
         except (ConnectionError, HTTPClientError) as e:
-            raise StorageUnavailable(f"{self.location} ({self.endpoint}): {operation} {key} failed after "
-                                     f"{self.attempts} attempts: {e}") from e
+            raise StorageUnavailable(f"{where} failed after {self.attempts} attempts: {e}") from e
+        except NoCredentialsError as e:
+            raise StorageError(f"{where}: no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                               "or AWS_PROFILE, or run with an instance/pod role") from e
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise Conflict(f"{self.location}/{key} exists or changed") from e
+            if code in ("NoSuchKey", "404"):
+                raise
             if code == "NoSuchBucket":
-                raise StorageUnavailable(f"bucket {self.bucket!r} does not exist (params.yaml storage.bucket)") from e
-            raise
+                raise StorageError(f"bucket {self.bucket!r} does not exist (params.yaml storage.bucket)") from e
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+                raise StorageError(f"{where}: {code}; check the AWS credentials and the bucket policy") from e
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                raise StorageUnavailable(f"{where} failed after {self.attempts} attempts: {code}") from e
+            raise StorageError(f"{where}: {code}: {e}") from e
 
     def get(self, key: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError

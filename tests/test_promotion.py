@@ -163,7 +163,9 @@ def test_approve_promotes_then_lineage_reproduce_rollback_and_no_credentials_wri
             for o in page.get("Contents", [])]
     leaks += [k for k in keys if any(s.encode() in client.get_object(Bucket=bucket, Key=k)["Body"].read()
                                      for s in secrets)]
-    assert len(written) > 100 and len(keys) > 10 and leaks == []
+    prefect_records = api_filter("logs", {"sort": "TIMESTAMP_ASC"}) + api_filter("artifacts", {"sort": "CREATED_DESC"})
+    leaks += [r["id"] for r in prefect_records if any(s in json.dumps(r) for s in secrets)]
+    assert len(written) > 100 and len(keys) > 10 and len(prefect_records) > 10 and leaks == []
 
 
 def test_reject_and_timeout_change_nothing_but_are_recorded(prefect_server, repo):
@@ -199,29 +201,40 @@ def test_gate_failed_or_incomplete_lineage_is_refused_even_when_approved(prefect
     assert [r["decision"] for r in registry.reviews()] == ["refused"] * 3
 
 
-def test_s3_outage_mid_promotion_fails_after_retries_changes_nothing_and_a_rerun_completes(repo, s3_server):
+@pytest.mark.parametrize("lost_write", ["model.safetensors", "manifest.json", "aliases/production.json"])
+def test_s3_outage_mid_promotion_fails_after_retries_leaves_production_unchanged_and_a_rerun_completes(
+        repo, s3_server, lost_write):
     registry = registry_of(repo)
     storage = StorageParams(**yaml.safe_load((repo / "params.yaml").read_text())["storage"])
     approval = {"decision": "approve", "reviewer": "ana", "comment": "release"}
     promote(repo, registry, push_lineage(repo, storage, candidate_lineage(repo, "pruned")), approval)
     before = (registry.versions(), registry.alias())
     record = push_lineage(repo, storage, candidate_lineage(repo, "search"))
+    sends = []
 
-    def stop_after_claim(**kwargs):
-        registry.store.client.meta.events.unregister("after-call.s3.PutObject", stop_after_claim)
-        s3_server.stop()  # the real server goes away after version 2 is claimed, before its files are uploaded
+    def stop_before(params, **kwargs):
+        if params["url_path"].endswith(lost_write):
+            s3_server.stop()  # the real server goes away just before this write
+            events.register("before-send.s3.PutObject", lambda **kw: sends.append(1))
 
-    registry.store.client.meta.events.register("after-call.s3.PutObject", stop_after_claim)
+    events = registry.store.client.meta.events
+    events.register("before-call.s3.PutObject", stop_before)
     try:
-        with pytest.raises(StorageUnavailable, match=r"put_object .*version.* failed after 2 attempts"):
+        with pytest.raises(StorageUnavailable, match=rf"put_object .*{lost_write} failed after 2 attempts"):
             promote(repo, registry, record, approval)
     finally:
+        events.unregister("before-call.s3.PutObject", stop_before)
         s3_server.start()
-    assert (registry.versions(), registry.alias()) == before
-    assert registry.incomplete() == [2]  # the claim stays behind; it never becomes a version
+    assert len(sends) == storage.attempts  # every attempt went out before giving up
+    assert registry.alias() == before[1]
+    if lost_write == "aliases/production.json":  # the version is complete, but not in production
+        assert [v["candidate"] for v in registry.versions()] == ["pruned", "search"]
+    else:
+        assert registry.versions() == before[0] and registry.incomplete() == [2]
     result = promote(repo, registry, record, approval)
-    assert result["manifest"]["version"] == 3 and registry.alias()["version"] == 3
-    assert registry.verify(3)["candidate"] == "search"
+    assert registry.alias()["version"] == result["manifest"]["version"]
+    assert registry.verify(result["manifest"]["version"])["candidate"] == "search"
+    assert [v["candidate"] for v in registry.versions()] == ["pruned", "search"]  # no duplicate version
 
 
 def test_s3_down_once_approved_fails_the_flow_after_retries_and_an_approved_rerun_completes(

@@ -46,7 +46,6 @@ def test_versions_are_immutable_and_verified_then_the_alias_moves_and_rolls_back
     assert [(m["action"], m["from"], m["version"], m["by"]) for m in rolled["log"]] == [
         ("promote", None, 1, "ana"), ("promote", 1, 2, "bo"), ("rollback", 2, 1, "cy")]
     assert [v["version"] for v in registry.versions()] == [1, 2]  # nothing deleted
-    assert any(r["decision"] == "rollback" and r["comment"] == "latency regression" for r in registry.reviews())
     with pytest.raises(RegistryError, match="no earlier version"):
         registry.rollback("cy", "again")
 
@@ -62,10 +61,11 @@ def test_a_version_is_never_overwritten_and_a_missing_one_is_never_promoted(regi
 
 
 def test_racing_promotions_keep_every_version_and_a_valid_alias(registry):
-    errors = []
+    errors, start = [], threading.Barrier(4)
 
     def promote(i: int) -> None:
         try:
+            start.wait()  # all four read the same next number, then race for it
             manifest = registry.register({"model.onnx": f"model {i}".encode()}, lineage(f"c{i}"), approval(f"r{i}"))
             registry.promote(manifest["version"], f"r{i}", "race")
         except Exception as e:  # collected: a thread's exception would otherwise be lost
