@@ -160,7 +160,7 @@ def candidate_lineage(root: Path, candidate: str) -> dict:
     evaluation = read_json(root / "reports" / "evaluation.json")
     verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
     if candidate not in evaluation["models"]:
-        raise KeyError(f"unknown candidate {candidate!r}; evaluated: {', '.join(evaluation['models'])}")
+        raise ValueError(f"unknown candidate {candidate!r}; evaluated: {', '.join(evaluation['models'])}")
     metrics = evaluation["models"][candidate]
     lock = read_lock(root)
     stage = producer(lock, metrics["file"])
