@@ -86,8 +86,9 @@ def show_registry(root: Path) -> None:
         print("decisions without a new version (rejected, refused, timed out, already registered):")
     for review in decisions:
         by = f"by {review['reviewer']}: {review['comment']}" if "reviewer" in review else ""
-        why = f" ({'; '.join(review['reasons'])})" if review.get("reasons") else ""
-        print(f"  {review['recorded_at']}  {review['decision']:<8} {review.get('candidate', '')} {by}{why}")
+        why = "; ".join(review.get("reasons", [])) or review.get("note", "")
+        print(f"  {review['recorded_at']}  {review['decision']:<8} {review.get('candidate', '')} {by}"
+              + (f" ({why})" if why else ""))
 
 
 def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> int:
