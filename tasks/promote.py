@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks.io import read_json
 from tasks.lineage import candidate_lineage
 from tasks.registry import Registry, candidate_files, now
 from tasks.storage import StorageParams, StorageUnavailable, configure_dvc_remote
@@ -23,18 +24,18 @@ class PromotionRefused(ValueError):
 
 def gated_candidates(root: Path) -> dict[str, dict]:
     """Lineage records of every model the gate judged, in evaluation order."""
-    from tasks.io import read_json
-
     verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
     return {name: candidate_lineage(root, name) for name in verdicts}
 
 
 def refusals(record: dict) -> list[str]:
     """Why a candidate cannot be promoted; empty if it can."""
-    gate = record["gate"]
-    reasons = ["never gated" if gate is None else "" if gate["passed"] else
-               "failed its gate: " + "; ".join(gate["failures"])]
-    return [r for r in reasons if r] + [f"lineage incomplete: {p}" for p in record["problems"]]
+    gate, reasons = record["gate"], []
+    if gate is None:
+        reasons.append("never gated")
+    elif not gate["passed"]:
+        reasons.append("failed its gate: " + "; ".join(gate["failures"]))
+    return reasons + [f"lineage incomplete: {p}" for p in record["problems"]]
 
 
 def review_description(records: dict[str, dict], comparison: str, production: dict | None) -> str:
