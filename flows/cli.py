@@ -25,13 +25,8 @@ from pathlib import Path
 from tasks.io import file_sha256, read_json
 from tasks.lineage import candidate_lineage, format_lineage, reproduce
 from tasks.params import load_section
-from tasks.registry import Registry, RegistryError, RegistryParams
-from tasks.storage import StorageParams, configure_dvc_remote, registry_store
-
-
-def open_registry(root: Path) -> Registry:
-    return Registry(registry_store(load_section("storage", StorageParams), root),
-                    load_section("registry", RegistryParams).model_name)
+from tasks.registry import Registry, RegistryError, open_registry
+from tasks.storage import StorageParams, configure_dvc_remote
 
 
 def version_number(registry: Registry, ref: str) -> int | None:

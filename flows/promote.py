@@ -27,8 +27,8 @@ from prefect.tasks import exponential_backoff
 from tasks.params import OrchestrationParams, load_section
 from tasks.lineage import candidate_lineage
 from tasks.promote import PromotionRefused, gated_candidates, promote, push_lineage, refusals, review_description
-from tasks.registry import Registry, RegistryParams, now
-from tasks.storage import StorageParams, StorageUnavailable, registry_store
+from tasks.registry import RegistryParams, now, open_registry
+from tasks.storage import StorageParams, StorageUnavailable
 
 PROMOTION_ARTIFACT = "shrinkflow-promotion"
 
@@ -43,11 +43,6 @@ class Review(RunInput):
 def review_form(candidates: list[str]) -> type[Review]:
     """The form with the candidate as a drop-down of the gated ones (ineligible ones are refused later)."""
     return pydantic.create_model("Review", __base__=Review, candidate=(Literal[tuple(candidates)], candidates[0]))
-
-
-def open_registry(root: Path) -> Registry:
-    params = load_section("registry", RegistryParams)
-    return Registry(registry_store(load_section("storage", StorageParams), root), params.model_name)
 
 
 def retry_if_unavailable(task, task_run, state) -> bool:

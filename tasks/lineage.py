@@ -99,11 +99,6 @@ def uncached_outs(root: Path) -> set[str]:
         return {str(out.def_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache}
 
 
-def stale_stage_problems(root: Path, names: list[str]) -> list[str]:
-    return [f"{name} changed since dvc.lock ({describe_change(change)}); run `dvc repro` or the flow"
-            for name, change in stage_status(root, names).items()]
-
-
 def describe_change(change: list) -> str:
     parts = []
     for item in change:
@@ -156,16 +151,30 @@ def compression_steps(root: Path, model: Path) -> tuple[list[dict], list[str]]:
 
 def candidate_lineage(root: Path, candidate: str) -> dict:
     """The lineage record of one evaluated candidate in the workspace at `root`."""
+    return lineages(root, [candidate])[candidate]
+
+
+def lineages(root: Path, candidates: list[str]) -> dict[str, dict]:
+    """Lineage records of evaluated candidates; dvc.lock, the reports and `dvc status` are read once for all."""
     root = Path(root).resolve()
     evaluation = read_json(root / "reports" / "evaluation.json")
     verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
-    if candidate not in evaluation["models"]:
-        raise ValueError(f"unknown candidate {candidate!r}; evaluated: {', '.join(evaluation['models'])}")
-    metrics = evaluation["models"][candidate]
+    unknown = [c for c in candidates if c not in evaluation["models"]]
+    if unknown:
+        raise ValueError(f"unknown candidate {unknown[0]!r}; evaluated: {', '.join(evaluation['models'])}")
     lock = read_lock(root)
-    stage = producer(lock, metrics["file"])
+    stages_of = {c: (s := producer(lock, evaluation["models"][c]["file"])) and ancestry(lock, s) or []
+                 for c in candidates}
+    checked = sorted({name for chain in stages_of.values() for name in chain} | (set(RESULT_STAGES) & set(lock)))
+    status = stage_status(root, checked) if any(stages_of.values()) else {}
+    return {c: build_record(root, c, evaluation["models"][c], verdicts.get(c), lock, stages_of[c], status)
+            for c in candidates}
+
+
+def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None, lock: dict[str, dict],
+                 chain: list[str], status: dict[str, list]) -> dict:
+    stage = chain[0] if chain else None
     problems = [] if stage else [f"dvc.lock: no stage records {metrics['file']}"]
-    chain = ancestry(lock, stage) if stage else []
     stages = {name: stage_record(lock[name]) for name in chain}
     files = deployable_files(root, metrics)
     steps, step_problems = compression_steps(root, files[0])
@@ -186,11 +195,12 @@ def candidate_lineage(root: Path, candidate: str) -> dict:
         problems.append(f"{candidate} does not derive from {PREPARED} in dvc.lock")
     raw = {"path": RAW, "md5": stages[prepared["stage"]]["deps"].get(RAW)} if prepared else None
     if chain:
-        problems += broken_links(lock, chain) + stale_stage_problems(root, chain + [s for s in RESULT_STAGES if s in lock])
+        problems += broken_links(lock, chain) + [
+            f"{name} changed since dvc.lock ({describe_change(status[name])}); run `dvc repro` or the flow"
+            for name in chain + list(RESULT_STAGES) if name in status]
     tracked = ["dvc.lock", "dvc.yaml", "params.yaml"] + sorted(
         {p for s in stages.values() for p in s["deps"] if not producer(lock, p)})
     code, code_problems = code_state(root, tracked)
-    verdict = verdicts.get(candidate)
     return {
         "candidate": candidate,
         "stage": stage,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tasks.io import read_json
-from tasks.lineage import candidate_lineage
+from tasks.lineage import lineages
 from tasks.registry import Registry, candidate_files, now
 from tasks.storage import StorageParams, StorageUnavailable, configure_dvc_remote
 
@@ -25,7 +25,7 @@ class PromotionRefused(ValueError):
 def gated_candidates(root: Path) -> dict[str, dict]:
     """Lineage records of every model the gate judged, in evaluation order."""
     verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
-    return {name: candidate_lineage(root, name) for name in verdicts}
+    return lineages(root, list(verdicts))
 
 
 def refusals(record: dict) -> list[str]:

@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.params import _require
-from tasks.storage import Conflict, LocalStore, S3Store
+from tasks.params import PARAMS_FILE, _require, load_section
+from tasks.storage import Conflict, LocalStore, S3Store, StorageParams, registry_store
 
 ALIAS = "production"
 CAS_ATTEMPTS = 20  # alias moves lost to concurrent writers before giving up
@@ -201,6 +201,13 @@ class Registry:
 
     def reviews(self) -> list[dict]:
         return [self._read_json(key) for key in self.store.keys(f"{self.model}/reviews/")]
+
+
+def open_registry(root: Path) -> Registry:
+    """The registry `params.yaml` at `root` configures (storage and model name)."""
+    params_file = root / PARAMS_FILE
+    return Registry(registry_store(load_section("storage", StorageParams, params_file), root),
+                    load_section("registry", RegistryParams, params_file).model_name)
 
 
 def candidate_files(root: Path, lineage: dict) -> dict[str, bytes]:

@@ -21,8 +21,8 @@ from flows.promote import promotion
 from tasks.io import file_sha256
 from tasks.lineage import candidate_lineage, read_lock
 from tasks.promote import PromotionRefused, promote, push_lineage
-from tasks.registry import Registry
-from tasks.storage import S3Store, StorageParams, StorageUnavailable
+from tasks.registry import open_registry
+from tasks.storage import StorageParams, StorageUnavailable
 from tasks.workspace import copy_pipeline, write_params
 from tests.conftest import S3_CREDENTIALS, api_filter, run, tiny_params
 
@@ -65,12 +65,6 @@ def repo(built_repo, tmp_path, s3_server, monkeypatch) -> Path:
     commit(repo, "store on S3")
     monkeypatch.chdir(repo)
     return repo
-
-
-def registry_of(repo: Path) -> Registry:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    return Registry(S3Store(StorageParams(**params["storage"]), "shrinkflow/registry"),
-                    params["registry"]["model_name"])
 
 
 def review_and_run(review: dict | None, timeout_seconds: int = 120) -> dict:
@@ -129,7 +123,7 @@ def test_approve_promotes_then_lineage_reproduce_rollback_and_no_credentials_wri
     result = review_and_run({"candidate": "pruned", "decision": "approve", "reviewer": "ana",
                              "comment": "smallest that passed"})
     assert result == {"outcome": "promoted", "candidate": "pruned", "version": 1}
-    registry = registry_of(repo)
+    registry = open_registry(repo)
     manifest = registry.verify(1)
     assert registry.alias()["version"] == 1 and manifest["approved_by"] == "ana"
     assert manifest["model_sha256"] == file_sha256(repo / "models" / "candidates" / "pruned" / "step1-prune.safetensors")
@@ -173,14 +167,14 @@ def test_reject_and_timeout_change_nothing_but_are_recorded(prefect_server, repo
                              "comment": "wait for the bigger eval set"})
     assert result == {"outcome": "rejected", "candidate": "pruned"}
     assert review_and_run(None, timeout_seconds=2) == {"outcome": "timeout"}
-    registry = registry_of(repo)
+    registry = open_registry(repo)
     assert registry.versions() == [] and registry.alias() is None and registry.claimed_numbers() == []
     assert [(r["decision"], r.get("comment")) for r in registry.reviews()] == [
         ("reject", "wait for the bigger eval set"), ("timeout", None)]
 
 
 def test_gate_failed_or_incomplete_lineage_is_refused_even_when_approved(prefect_server, repo):
-    registry = registry_of(repo)
+    registry = open_registry(repo)
     with pytest.raises(PromotionRefused, match="student cannot be promoted .*does not derive from the teacher"):
         review_and_run({"candidate": "student", "decision": "approve", "reviewer": "ana", "comment": "tiny"})
 
@@ -204,7 +198,7 @@ def test_gate_failed_or_incomplete_lineage_is_refused_even_when_approved(prefect
 @pytest.mark.parametrize("lost_write", ["model.safetensors", "manifest.json", "aliases/production.json"])
 def test_s3_outage_mid_promotion_fails_after_retries_leaves_production_unchanged_and_a_rerun_completes(
         repo, s3_server, lost_write):
-    registry = registry_of(repo)
+    registry = open_registry(repo)
     storage = StorageParams(**yaml.safe_load((repo / "params.yaml").read_text())["storage"])
     approval = {"decision": "approve", "reviewer": "ana", "comment": "release"}
     promote(repo, registry, push_lineage(repo, storage, candidate_lineage(repo, "pruned")), approval)
@@ -253,7 +247,7 @@ def test_s3_down_once_approved_fails_the_flow_after_retries_and_an_approved_reru
         s3_server.start()
     pushes = api_filter("task_runs", {"task_runs": {"name": {"like_": "push_data"}}, "sort": "EXPECTED_START_TIME_DESC"})
     assert pushes[0]["run_count"] == 2  # retried (orchestration.retries: 1) before failing the flow
-    registry = registry_of(repo)
+    registry = open_registry(repo)
     assert registry.versions() == [] and registry.alias() is None and registry.claimed_numbers() == []
     result = review_and_run({"candidate": "pruned", "decision": "approve", "reviewer": "ana", "comment": "again"})
     assert result["version"] == 1 and registry.alias()["version"] == 1
