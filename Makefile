@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: setup
+	shrinkflow check
 	dvc repro
 	@cat reports/comparison.md
 

@@ -1,11 +1,14 @@
-"""`shrinkflow`: lineage, registry, promotion, rollback and reproduction from the command line.
+"""`shrinkflow`: checks, lineage, registry, promotion, rollback, reproduction and the production model.
 
+    shrinkflow check
     shrinkflow lineage <candidate | version | production> [--json]
     shrinkflow registry
     shrinkflow promote [--candidate NAME (--approve | --reject) --reviewer WHO --comment WHY] [--timeout S]
     shrinkflow rollback --reviewer WHO --comment WHY
     shrinkflow reproduce <version | production> [--into DIR] [--repo URL]
     shrinkflow push | pull
+    shrinkflow predict INPUT [-o predictions.csv]
+    shrinkflow serve [--host 127.0.0.1] [--port 8000]
 
 Storage (local directory or S3) comes from params.yaml:storage; credentials from the AWS chain.
 """
@@ -178,6 +181,7 @@ def dvc(root: Path, command: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shrinkflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="check every section of params.yaml and the workspace before a run")
     lineage = commands.add_parser("lineage", help="print a candidate's or a registry version's lineage")
     lineage.add_argument("ref", help="candidate name, version number (3 or v3) or production")
     lineage.add_argument("--json", action="store_true")
@@ -199,12 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     reproduce_cmd.add_argument("--repo", help="git URL to clone (default: this repository)")
     commands.add_parser("push", help="dvc push to the remote configured in params.yaml:storage")
     commands.add_parser("pull", help="dvc pull from the remote configured in params.yaml:storage")
+    predict_cmd = commands.add_parser("predict", help="classify a file with the production model")
+    predict_cmd.add_argument("input", type=Path, help="NPZ (array X), CSV (feature columns) or IDX images file")
+    predict_cmd.add_argument("-o", "--output", type=Path, default=Path("predictions.csv"))
+    serve_cmd = commands.add_parser("serve", help="answer POST /predict and GET /healthz with the production model")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     if args.command == "promote" and args.decision and not (args.candidate and args.reviewer):
         parser.error("--approve/--reject need --candidate and --reviewer")
     root = Path.cwd()
     try:
-        if args.command == "lineage":
+        if args.command == "check":
+            from tasks import check  # imports torch: only for this command
+
+            check.run(root)
+        elif args.command == "lineage":
             show_lineage(root, args.ref, args.json)
         elif args.command == "registry":
             show_registry(root)
@@ -215,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"production -> version {alias['version']} ({alias['candidate']})")
         elif args.command == "reproduce":
             return run_reproduce(root, args.ref, args.into, args.repo)
+        elif args.command == "predict":
+            from tasks.serving import predict
+
+            predict(root, args.input, args.output)
+        elif args.command == "serve":
+            from tasks.serving import serve
+
+            serve(root, args.host, args.port)
         else:
             return dvc(root, args.command)
     except (RuntimeError, KeyError, OSError, ValueError) as e:  # storage, registry, dvc, bad input

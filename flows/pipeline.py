@@ -4,7 +4,13 @@ The flow asks DVC which stages are stale (`dvc status`), runs those and everythi
 downstream of them as Prefect tasks (independent branches in parallel on the
 configured task runner, each stage in its own process as under `dvc repro`), then
 records the outputs in dvc.lock with `dvc commit`, so `dvc status` is clean
-afterwards and `dvc repro` reruns nothing.
+afterwards and `dvc repro` reruns nothing. Before it asks DVC anything it runs
+`shrinkflow check`: a bad params.yaml fails the flow before any stage runs.
+
+A stage is retried only after a transient failure (it exits EXIT_TRANSIENT, or is
+killed by a signal); a crash or a rejection would fail the same way again. When a
+stage fails, the previous outputs of the stages that could not run after it are
+removed, so no stale comparison, gate verdict or candidate passes for this run's.
 
     python -m flows.pipeline [--force]
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,34 +31,34 @@ from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from flows.stages import load_stages, topological_order, upstream, with_downstream
-from tasks.io import EXIT_REJECTED
+from flows.stages import Stage, load_stages, topological_order, upstream, with_downstream
+from tasks import check
+from tasks.io import EXIT_REJECTED, EXIT_TRANSIENT
 from tasks.params import OrchestrationParams, load_section
 
 CANDIDATES_ARTIFACT = "shrinkflow-candidates"
 GATE_ARTIFACT = "shrinkflow-gate"
 VALIDATION_ARTIFACT = "shrinkflow-validation"
+REMOVED_OUTPUTS_ARTIFACT = "shrinkflow-removed-outputs"
 
 
 class StageFailed(RuntimeError):
-    """A stage crashed; a retry may succeed (storage, network, memory)."""
+    """A stage crashed (a bug, or bad code in a user's architecture); it would crash the same way again."""
+
+
+class StageTransient(RuntimeError):
+    """A stage hit a failure a retry may pass (storage, network) or was killed by a signal."""
 
 
 class StageRejected(ValueError):
     """A stage rejected its input or params; it would fail the same way again."""
 
 
-def retry_unless_rejected(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except StageRejected:
-        return False
-    except Exception:
-        return True
-    return True
+def retry_if_transient(task, task_run, state) -> bool:
+    return isinstance(state.result(raise_on_failure=False), StageTransient)
 
 
-@task(retry_condition_fn=retry_unless_rejected)
+@task(retry_condition_fn=retry_if_transient)
 def run_stage(name: str, module: str, argv: list[str]) -> None:
     """Run one dvc.yaml stage as its own process, exactly as `dvc repro` runs it.
 
@@ -65,6 +72,9 @@ def run_stage(name: str, module: str, argv: list[str]) -> None:
         logger.info(line)
     if process.returncode == EXIT_REJECTED:
         raise StageRejected(f"stage {name}: {process.stderr.strip().removeprefix('error: ')}")
+    if process.returncode == EXIT_TRANSIENT or process.returncode < 0:
+        raise StageTransient(f"stage {name} exited with {process.returncode} (transient or killed; retrying):\n"
+                             f"{process.stderr[-4000:]}")
     if process.returncode != 0:
         raise StageFailed(f"stage {name} exited with {process.returncode}:\n{process.stderr[-4000:]}")
 
@@ -121,6 +131,26 @@ def publish_validation_failure() -> None:
                              key=VALIDATION_ARTIFACT, description="Failed expectations; nothing was trained")
 
 
+def remove_stale_outputs(stages: dict[str, Stage], failed: list[str], not_run: list[str]) -> None:
+    """Remove the previous outputs of the stages that could not run because `failed` did, and say so."""
+    removed = []
+    for out in (Path(out) for name in not_run for out in stages[name].outs):
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        else:
+            continue
+        removed.append(str(out))
+    if removed:
+        message = (f"{', '.join(failed)} failed, so {', '.join(not_run)} did not run: removed their previous "
+                   f"outputs {', '.join(removed)}, which would pass for this run's. `dvc checkout` restores the ones "
+                   f"DVC caches.")
+        get_run_logger().warning(message)
+        create_markdown_artifact(f"# Outputs removed after a failed stage\n\n{message}", key=REMOVED_OUTPUTS_ARTIFACT,
+                                 description="Stale outputs removed when a stage failed")
+
+
 @flow(name="shrinkflow-stages")
 def run_stages(names: list[str], retries: int, retry_delay_seconds: float) -> list[str]:
     """Run the given stages in dependency order, in parallel where the graph allows; record them in dvc.lock."""
@@ -137,6 +167,10 @@ def run_stages(names: list[str], retries: int, retry_delay_seconds: float) -> li
     completed = [name for name, future in futures.items() if future.state.is_completed()]
     if completed:
         record_in_dvc_lock(completed)
+    failed = [name for name, future in futures.items() if future.state.is_failed()]
+    not_run = sorted((with_downstream(stages, set(failed)) & set(futures)) - set(failed) - set(completed))
+    if not_run:
+        remove_stale_outputs(stages, failed, not_run)
     for name, future in futures.items():
         if future.state.is_failed():
             if name == "validate":
@@ -148,6 +182,7 @@ def run_stages(names: list[str], retries: int, retry_delay_seconds: float) -> li
 @flow(name="shrinkflow-pipeline", log_prints=True)
 def pipeline(force: bool = False) -> list[str]:
     """Bring every stage up to date (all of them with `force`); returns the stages that ran."""
+    check.run(Path.cwd())  # a bad params.yaml fails the flow here, before any stage runs
     params = load_section("orchestration", OrchestrationParams)
     stages = load_stages()
     stale = stale_stages()

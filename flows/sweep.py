@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
+from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
 from flows.pipeline import make_task_runner, record_in_dvc_lock, run_stage, run_stages, stale_stages
@@ -76,9 +77,10 @@ def adopt_best(best: dict[str, Any], outputs: list[str]) -> None:
 
 
 @flow(name="shrinkflow-sweep-trials")
-def run_trials(module: str, trial_argvs: list[list[str]], retries: int) -> None:
-    """Every trial as its own train_teacher process, in parallel on the flow's task runner."""
-    trial_task = run_stage.with_options(retries=retries)
+def run_trials(module: str, trial_argvs: list[list[str]], retries: int, retry_delay_seconds: float) -> None:
+    """Every trial as its own train_teacher process, in parallel on the flow's task runner; retried, like
+    every stage, only after a transient failure."""
+    trial_task = run_stage.with_options(retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds))
     futures = [trial_task.with_options(name=f"trial-{number:03d}").submit(f"trial-{number:03d}", module, argv)
                for number, argv in enumerate(trial_argvs)]
     wait(futures)
@@ -110,7 +112,7 @@ def sweep() -> dict[str, Any]:
 
     run_trials.with_options(task_runner=make_task_runner(orchestration))(
         teacher.module, [[*inputs, *t["outputs"], "--params", str(Path(t["outputs"][0]).parent / "params.yaml")]
-                         for t in trials], orchestration.retries)
+                         for t in trials], orchestration.retries, orchestration.retry_delay_seconds)
     for t in trials:
         t["val_accuracy"] = read_json(t["outputs"][2])["val_accuracy"]
     best = max(trials, key=lambda t: t["val_accuracy"])  # first of equals: the earliest trial

@@ -14,17 +14,20 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from tasks.io import file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model, read_config, save_model
-from tasks.params import PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, from_dict, load_section
+from tasks.params import (PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, _require, from_dict,
+                          load_section)
 from tasks.pruning import magnitude_prune, sparsity, structured_prune
 from tasks.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
 from tasks.training import load_split, make_finetune, train_model
@@ -32,6 +35,10 @@ from tasks.validate import require_validated
 from tasks.weight_sharing import share_weights
 
 BASE_MODELS = ("teacher", "student", "distilled")
+# A recipe's name becomes a DVC stage name, a command-line argument and a directory under models/candidates.
+RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# The calibration subset only has to be reproducible: a fixed seed, so the same data gives the same int8 file.
+CALIBRATION_SEED = 0
 # The settings each method accepts, with their defaults.
 METHODS: dict[str, dict[str, Any]] = {
     "distill": {"model": None, "train": {}},  # a new (smaller) architecture trained from the teacher
@@ -66,7 +73,13 @@ class Recipe:
 class CompressParams:
     finetune: dict[str, Any]  # overrides of the source model's own training recipe for fine-tuning
     recipes: dict[str, dict[str, Any]]
-    calibration_samples: int = 256  # validation samples that calibrate static int8
+    calibration_samples: int = 256  # training samples that calibrate static int8 (validation is kept for selection)
+
+    def __post_init__(self) -> None:
+        bad = [name for name in self.recipes if not RECIPE_NAME.fullmatch(name)]
+        _require(not bad, f"recipes: names {bad} not allowed; a recipe name is 1-64 of a-z, 0-9, '_' and '-', "
+                          f"starting with a letter or digit")
+        _require(self.calibration_samples >= 1, f"calibration_samples: must be at least 1, got {self.calibration_samples}")
 
 
 def parse_step(raw: Any, where: str) -> Step:
@@ -216,10 +229,10 @@ def compress(
         path = out_dir / f"step{index}-{step.method}.{'onnx' if onnx_output else 'safetensors'}"
         step_config.update(parameters=count_parameters(model), nonzero_parameters=nonzero_parameters(model))
         if onnx_output:
-            calibration = load_split(prepared_dir, "validation", schema["classes"]).X.numpy()
             fp32 = out_dir / f"step{index}-{step.method}.fp32.onnx"
             export_onnx(model, fp32, step_config)
-            quantize_onnx(fp32, path, step.settings["mode"], step_config, calibration[: params.calibration_samples])
+            quantize_onnx(fp32, path, step.settings["mode"], step_config,
+                          calibration_data(prepared_dir, schema["classes"], params.calibration_samples))
             fp32.unlink()
         else:
             save_model(model, path, step_config)
@@ -234,6 +247,13 @@ def compress(
     if not chain[-1].file.endswith(".onnx"):
         export_onnx(load_model(chain[-1].file)[0], out_dir / "runtime.onnx", config)
     return chain
+
+
+def calibration_data(prepared_dir: Path, classes: list, samples: int) -> np.ndarray:
+    """A seeded subset of the TRAIN split for static int8: the validation split stays unseen, for the search's selection."""
+    train = load_split(prepared_dir, "train", classes).X.numpy()
+    chosen = np.random.default_rng(CALIBRATION_SEED).choice(len(train), size=min(samples, len(train)), replace=False)
+    return train[np.sort(chosen)]
 
 
 def _distill_params(config: dict[str, Any], step: Step) -> ModelParams:

@@ -1,111 +1,190 @@
 """Stage `evaluate`: accuracy, size and speed of every model, judged against the teacher.
 
 Accuracy comes with a 95 % Wilson interval. Differences to the teacher are paired
-(the same test examples): the change in points with its 95 % interval and an exact
-McNemar test, so a small drop is reported together with whether it is
-distinguishable from noise. Latency is measured at batch 1 (warm-up, many repeats,
-fixed thread count); throughput at a fixed batch size.
+(the same test examples), with a score interval and test (tasks/statistics.py), so a
+small drop is reported together with whether it is distinguishable from noise.
+
+Speed: every model on every runtime is timed in turn within each of `rounds` rounds
+(batch-1 latency, then batch-N throughput), so a load change on the machine hits all
+of them alike, and a ratio of two models within one round cancels it. Timing covers
+the inference call only: inputs are converted to the runtime's native type beforehand,
+garbage collection is off, threads are fixed, and each turn starts with untimed
+warm-up calls. Speed-ups are against the teacher on its fastest runtime, per runtime
+against the teacher on the same one, and against a recipe's source on the same
+runtime; each interval is the [min, max] of the ratio over the rounds.
+
+Sizes are of the artifact each runtime loads. A compact PyTorch file (bitmask or
+codebook encoding, tasks/encodings.py) is expanded to dense tensors to run; its
+`expanded_bytes` says how large.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import hashlib
 import math
 import tempfile
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
+from safetensors import safe_open
 from sklearn.metrics import f1_score
 from torch import nn
 
 from tasks.compress import CompressParams
-from tasks.io import atomic_path, read_json, run_main, write_json
+from tasks.encodings import CODEBOOK, MASK
+from tasks.io import atomic_path, file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model
 from tasks.params import PARAMS_FILE, EvaluateParams, load_section
 from tasks.quantization import OnnxClassifier, export_onnx, read_onnx_config
+from tasks.statistics import paired_comparison, wilson_interval
 from tasks.training import load_split, predict_logits
 
-Z95 = 1.959964
+PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
 
 
-def wilson_interval(correct: int, n: int) -> tuple[float, float]:
-    p = correct / n
-    denom = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return centre - half, centre + half
+@dataclass(frozen=True)
+class Runner:
+    """One model on one runtime: `prepare` converts samples to the runtime's input (untimed), `call` is timed."""
+
+    prepare: Callable[[torch.Tensor], Any]
+    call: Callable[[Any], Any]
 
 
-def paired_comparison(reference_correct: np.ndarray, candidate_correct: np.ndarray) -> dict:
-    """Candidate minus reference on the same examples: points, 95 % CI, exact McNemar p-value."""
-    n = len(reference_correct)
-    lost = int(np.sum(reference_correct & ~candidate_correct))  # reference right, candidate wrong
-    gained = int(np.sum(~reference_correct & candidate_correct))
-    diff = (gained - lost) / n
-    half = Z95 * math.sqrt(max((lost + gained) / n - diff**2, 0.0) / n)
-    p_value = binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0
-    return {
-        "accuracy_change_points": 100 * diff,
-        "ci95_points": [100 * (diff - half), 100 * (diff + half)],
-        "lost": lost,
-        "gained": gained,
-        "mcnemar_p": float(p_value),
-        "distinguishable": bool(p_value < 0.05),
-    }
+def runner(model: nn.Module | OnnxClassifier) -> Runner:
+    if isinstance(model, OnnxClassifier):
+        return Runner(model.native_input, model.run_native)
+    return Runner(torch.Tensor.contiguous, model.eval())
 
 
-@torch.inference_mode()
-def measure_speed(model: nn.Module, X: torch.Tensor, params: EvaluateParams) -> dict:
-    """Batch-1 latency percentiles (ms) and throughput (samples/s) on CPU."""
-    torch.set_num_threads(params.threads)
-    model.eval()
-    sample = X[:1]
-    for _ in range(params.warmup):
-        model(sample)
-    timings = []
+def full_batch(X: torch.Tensor, size: int) -> torch.Tensor:
+    """`size` samples; a small test set is repeated to fill the batch."""
+    return X.repeat(math.ceil(size / len(X)), *[1] * (X.dim() - 1))[:size]
+
+
+def timed_turn(run: Runner, samples: list[Any], batch: Any, params: EvaluateParams) -> tuple[list[float], float]:
+    """One model's turn in a round: batch-1 latencies (ms) and the seconds of `throughput_repeats` batches.
+
+    Untimed warm-up calls first: the previous turn left another model in the caches, and a
+    server running this model alone would not pay for that.
+    """
+    for i in range(params.warmup):
+        run.call(samples[i % len(samples)])
+    latencies = []
     for i in range(params.latency_repeats):
-        sample = X[i % len(X)].unsqueeze(0)
+        sample = samples[i % len(samples)]
         start = time.perf_counter_ns()
-        model(sample)
-        timings.append((time.perf_counter_ns() - start) / 1e6)
-    batch = X[: params.throughput_batch]
-    if len(batch) < params.throughput_batch:  # tiny test sets: repeat samples to fill the batch
-        batch = batch.repeat(math.ceil(params.throughput_batch / len(batch)), *[1] * (X.dim() - 1))
-        batch = batch[: params.throughput_batch]
-    model(batch)
-    start = time.perf_counter()
+        run.call(sample)
+        latencies.append((time.perf_counter_ns() - start) / 1e6)
+    run.call(batch)
+    start = time.perf_counter_ns()
     for _ in range(params.throughput_repeats):
-        model(batch)
-    elapsed = time.perf_counter() - start
-    return {
-        "latency_ms_p50": float(np.percentile(timings, 50)),
-        "latency_ms_p95": float(np.percentile(timings, 95)),
-        "throughput_per_s": params.throughput_batch * params.throughput_repeats / elapsed,
-    }
+        run.call(batch)
+    return latencies, (time.perf_counter_ns() - start) / 1e9
+
+
+def measure_speeds(runners: dict[Hashable, Runner], X: torch.Tensor, params: EvaluateParams) -> dict[Hashable, dict]:
+    """Latency percentiles, throughput and per-round medians of every runner, measured interleaved.
+
+    Round r times every runner once, starting from the r-th (so none is always first).
+    Garbage collection is off while timing: a collection would be charged to whichever
+    call triggered it.
+    """
+    torch.set_num_threads(params.threads)
+    samples = X[: params.latency_repeats]
+    batch = full_batch(X, params.throughput_batch)
+    inputs = {key: ([run.prepare(s.unsqueeze(0)) for s in samples], run.prepare(batch))
+              for key, run in runners.items()}
+    keys = list(runners)
+    latencies: dict[Hashable, list[list[float]]] = {key: [] for key in keys}
+    batch_seconds: dict[Hashable, float] = dict.fromkeys(keys, 0.0)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            for round_index in range(params.rounds):
+                first = round_index % len(keys)
+                for key in keys[first:] + keys[:first]:
+                    round_latencies, seconds = timed_turn(runners[key], *inputs[key], params)
+                    latencies[key].append(round_latencies)
+                    batch_seconds[key] += seconds
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    speeds = {}
+    for key in keys:
+        pooled = np.concatenate(latencies[key])
+        round_p50 = [float(np.median(r)) for r in latencies[key]]
+        speeds[key] = {
+            "latency_ms_p50": float(np.percentile(pooled, 50)),
+            "latency_ms_p95": float(np.percentile(pooled, 95)),
+            "throughput_per_s": (params.throughput_batch * params.throughput_repeats * params.rounds
+                                 / batch_seconds[key]),
+            "latency_ms_p50_rounds": round_p50,
+            "latency_p50_spread_pct": 100 * (max(round_p50) - min(round_p50)) / float(np.median(round_p50)),
+        }
+    return speeds
+
+
+def measure_speed(model: nn.Module | OnnxClassifier, X: torch.Tensor, params: EvaluateParams) -> dict:
+    """Batch-1 latency percentiles (ms) and throughput (samples/s) of one model on CPU."""
+    return measure_speeds({"model": runner(model)}, X, params)["model"]
+
+
+def speedup(reference: dict, candidate: dict) -> tuple[float, list[float]]:
+    """Reference p50 / candidate p50 within each round: the median of these ratios and their [min, max].
+
+    Both were timed in the same rounds, so each round's ratio is a paired measurement in which a
+    slow round slows both. The [min, max] of `rounds` ratios contains the ratios' median with
+    probability 1 - 2**(1 - rounds) whatever their distribution (all of them fall on one side
+    of it with probability 2 * 2**-rounds): 98.4 % at 7 rounds. The median of the same ratios
+    is the point estimate, so it always lies inside its interval.
+    """
+    per_round = [r / c for r, c in zip(reference["latency_ms_p50_rounds"], candidate["latency_ms_p50_rounds"])]
+    return float(np.median(per_round)), [min(per_round), max(per_round)]
+
+
+def is_compact(path: Path) -> bool:
+    """Whether a safetensors model file holds bitmask or codebook encodings (tasks/encodings.py)."""
+    with safe_open(str(path), framework="pt") as f:
+        return any(MASK in key or CODEBOOK in key for key in f.keys())
+
+
+def artifact_sizes(path: Path, model: nn.Module | None) -> dict:
+    """Bytes of the file a runtime loads, and of its weights in memory when a compact file is expanded to run."""
+    size = path.stat().st_size
+    if model is not None and is_compact(path):
+        dense = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return {"artifact_bytes": size, "expanded_bytes": dense, "expanded_to_run": True}
+    return {"artifact_bytes": size, "expanded_bytes": size, "expanded_to_run": False}
 
 
 @dataclass
 class Candidate:
     """A model file to evaluate, with what it runs on and where it came from."""
 
-    path: Path  # the artifact whose bytes count
-    onnx_path: Path | None  # the same model for ONNX Runtime
+    path: Path  # the artifact of its deployed runtime: PyTorch for .safetensors, ONNX Runtime for .onnx
+    onnx_path: Path  # the same model for ONNX Runtime
     source: str | None = None  # the base model a compression recipe started from
     torch_model: nn.Module | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    onnx_is_artifact: bool = True  # False: exported by evaluate only to measure ONNX Runtime, never deployed
 
 
 def base_candidate(path: Path, scratch: Path) -> Candidate:
     model, config = load_model(path)
     onnx_path = scratch / f"{path.stem}.onnx"
     export_onnx(model, onnx_path, config)
-    return Candidate(path, onnx_path, None, model, config)
+    return Candidate(path, onnx_path, None, model, config, onnx_is_artifact=False)
 
 
 def recipe_candidate(directory: Path) -> Candidate:
@@ -128,29 +207,48 @@ def pareto_front(models: dict[str, dict], cost: str) -> list[str]:
     return sorted((n for n, m in models.items() if not dominated(m)), key=lambda n: models[n][cost])
 
 
+def split_sha256(prepared_dir: Path, split: str) -> str:
+    """Hash of one prepared split: its X and y files, names and contents."""
+    digest = hashlib.sha256()
+    for name in (f"X_{split}.npy", f"y_{split}.npy"):
+        digest.update(name.encode())
+        digest.update(file_sha256(prepared_dir / name).encode())
+    return digest.hexdigest()
+
+
+def provenance(prepared_dir: Path, schema: dict, teacher: Path) -> dict:
+    """What this evaluation was computed from, so a report names the run that produced it."""
+    return {
+        "teacher": {"file": str(teacher), "sha256": file_sha256(teacher)},
+        "data": {"sizes": schema["sizes"], "test_sha256": split_sha256(prepared_dir, "test")},
+        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: EvaluateParams,
              reference: str = "teacher") -> tuple[dict, dict[str, np.ndarray]]:
     """Metrics per model and runtime (plus paired comparison against `reference`) and test-set predictions."""
-    schema = read_json(Path(prepared_dir) / "schema.json")
+    prepared_dir = Path(prepared_dir)
+    schema = read_json(prepared_dir / "schema.json")
     test = load_split(prepared_dir, "test", schema["classes"])
     truth = test.y.numpy()
-    results, predictions = {}, {}
+    results, predictions, runners, artifacts = {}, {}, {}, {}
     for name, candidate in candidates.items():
         config = candidate.config
         if config["classes"] != schema["classes"] or config["input_shape"] != schema["input_shape"]:
             raise ValueError(f"{candidate.path}: model was trained for classes {config['classes']} and input "
                              f"{config['input_shape']}, test data has {schema['classes']} and {schema['input_shape']}")
-        runtimes = {}
-        if candidate.torch_model is not None:
-            runtimes["pytorch"] = measure_speed(candidate.torch_model, test.X, params)
+        torch_model = candidate.torch_model
         onnx_model = OnnxClassifier(candidate.onnx_path, params.threads)
-        runtimes["onnxruntime"] = measure_speed(onnx_model, test.X, params)
-        # The runtime the artifact is deployed on: PyTorch for a PyTorch file, ONNX Runtime for an ONNX one.
-        deployed = "pytorch" if candidate.torch_model is not None else "onnxruntime"
-        predicted = predict_logits(candidate.torch_model or onnx_model, test.X).argmax(1).numpy()
+        if torch_model is not None:
+            runners[name, PYTORCH] = runner(torch_model)
+            artifacts[name, PYTORCH] = {"artifact": str(candidate.path), **artifact_sizes(candidate.path, torch_model)}
+        runners[name, ONNXRUNTIME] = runner(onnx_model)
+        artifacts[name, ONNXRUNTIME] = {"artifact": str(candidate.onnx_path) if candidate.onnx_is_artifact else None,
+                                        **artifact_sizes(candidate.onnx_path, None)}
+        predicted = predict_logits(torch_model or onnx_model, test.X).argmax(1).numpy()
         correct = int(np.sum(predicted == truth))
         low, high = wilson_interval(correct, len(truth))
-        torch_model = candidate.torch_model
         results[name] = {
             "accuracy": correct / len(truth),
             "accuracy_ci95": [low, high],
@@ -158,26 +256,41 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
             "parameters": count_parameters(torch_model) if torch_model else config["parameters"],
             "nonzero_parameters": (sum(int((p != 0).sum()) for p in torch_model.parameters()) if torch_model
                                    else config.get("nonzero_parameters", config["parameters"])),
-            "file_bytes": candidate.path.stat().st_size,
             "file": str(candidate.path),
             "source": candidate.source,
-            "runtime": deployed,
-            **runtimes[deployed],
-            "runtimes": runtimes,
+            # The runtime the artifact is deployed on: PyTorch for a PyTorch file, ONNX Runtime for an ONNX one.
+            "runtime": PYTORCH if torch_model is not None else ONNXRUNTIME,
         }
         predictions[name] = predicted
-    base = results[reference]
+    speeds = measure_speeds(runners, test.X, params)
     for name, metrics in results.items():
+        metrics["runtimes"] = {runtime: {**speeds[model, runtime], **artifacts[model, runtime]}
+                               for model, runtime in runners if model == name}
+        deployed = metrics["runtimes"][metrics["runtime"]]
+        metrics.update({key: deployed[key] for key in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s",
+                                                       "expanded_bytes", "expanded_to_run")})
+        metrics["file_bytes"] = deployed["artifact_bytes"]
+    base = results[reference]
+    fastest = min(base["runtimes"], key=lambda runtime: base["runtimes"][runtime]["latency_ms_p50"])
+    for name, metrics in results.items():
+        deployed = metrics["runtimes"][metrics["runtime"]]
         metrics["size_reduction"] = base["file_bytes"] / metrics["file_bytes"]
-        metrics["speedup"] = base["latency_ms_p50"] / metrics["latency_ms_p50"]
-        if metrics["source"] in results:  # same runtime, so int8 slower than its fp32 source shows as such
-            source_latency = results[metrics["source"]]["runtimes"][metrics["runtime"]]["latency_ms_p50"]
-            metrics["speedup_vs_source"] = source_latency / metrics["latency_ms_p50"]
+        metrics["speedup"], metrics["speedup_interval"] = speedup(base["runtimes"][fastest], deployed)
+        metrics["speedup_by_runtime"] = {runtime: speedup(base["runtimes"][runtime], speed)[0]
+                                         for runtime, speed in metrics["runtimes"].items()
+                                         if runtime in base["runtimes"]}
+        source_runtimes = results[metrics["source"]]["runtimes"] if metrics["source"] in results else {}
+        if metrics["runtime"] in source_runtimes:  # same runtime, so int8 slower than its fp32 source shows as such
+            metrics["speedup_vs_source"], metrics["speedup_vs_source_interval"] = speedup(
+                source_runtimes[metrics["runtime"]], deployed)
         if name != reference:
             metrics["vs_" + reference] = paired_comparison(predictions[reference] == truth,
                                                            predictions[name] == truth)
-    summary = {"reference": reference, "test_samples": len(truth), "threads": params.threads,
-               "throughput_batch": params.throughput_batch, "models": results,
+    summary = {"reference": reference, "reference_runtime": fastest, "test_samples": len(truth),
+               "threads": params.threads, "throughput_batch": params.throughput_batch, "rounds": params.rounds,
+               "speedup_interval_coverage": 1 - 2.0 ** (1 - params.rounds),
+               "produced_from": provenance(prepared_dir, schema, candidates[reference].path),
+               "models": results,
                "pareto": {cost: pareto_front(results, cost) for cost in ("file_bytes", "latency_ms_p50")}}
     return summary, {"actual": truth, **predictions}
 

@@ -7,12 +7,14 @@ place, so a crash or a rejected input never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,12 +80,33 @@ def read_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
 
 # Exit status of a stage that rejected its input or params: rerunning it cannot help.
 EXIT_REJECTED = 3
+# Exit status of a stage cut off by a failure a retry may pass (sysexits.h EX_TEMPFAIL): storage, network.
+EXIT_TRANSIENT = 75
+# Besides ConnectionError and TimeoutError (resets, refusals, timeouts): I/O errors of a flaky disk or network mount.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure of the outside world that may pass on a retry (storage, network), not a bug or bad input."""
+    # Not imported: every stage would depend on tasks/storage.py. A process that raised it has imported it.
+    storage = sys.modules.get("tasks.storage")
+    if storage is not None and isinstance(error, storage.StorageUnavailable):
+        return True
+    return isinstance(error, (ConnectionError, TimeoutError)) or (
+        isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS)
 
 
 def run_main(run: Callable[[], None]) -> None:
-    """Run a stage from the command line; bad input or params exit EXIT_REJECTED with one clear message."""
+    """Run a stage from the command line. Bad input or params exit EXIT_REJECTED with one clear message,
+    transient failures EXIT_TRANSIENT; anything else is a crash (exit 1, traceback), never retried."""
     try:
         run()
     except ValueError as e:  # DataError, ParamsError, ValidationFailed are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_REJECTED)
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        traceback.print_exc()
+        print(f"error (transient, a retry may pass): {e}", file=sys.stderr)
+        sys.exit(EXIT_TRANSIENT)

@@ -3,9 +3,10 @@
 Starting at the stage that wrote the candidate, the record follows every dependency
 to the stage that wrote it, up to the prepared and raw data, with the hashes and
 params dvc.lock holds for each. Added: the compression steps inside the candidate's
-stage (each step file's sha256, from its lineage.json), the git revision, metrics and
-gate verdict. `problems` lists what breaks the chain; a candidate with problems
-cannot be promoted.
+stage (each step file's sha256, from its lineage.json), the sha256 of every code file the
+chain's stages declare (and the distribution and version of an architecture installed as
+a package), the git revision, metrics and gate verdict. `problems` lists what breaks the
+chain; a candidate with problems cannot be promoted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.codedeps import MissingDep, arch_references, code_deps, external_architectures, undeclared
 from tasks.io import file_sha256, read_json
 
 TEACHER = "models/teacher.safetensors"
@@ -167,12 +169,39 @@ def lineages(root: Path, candidates: list[str]) -> dict[str, dict]:
                  for c in candidates}
     checked = sorted({name for chain in stages_of.values() for name in chain} | (set(RESULT_STAGES) & set(lock)))
     status = stage_status(root, checked) if any(stages_of.values()) else {}
-    return {c: build_record(root, c, evaluation["models"][c], verdicts.get(c), lock, stages_of[c], status)
+    missing = undeclared(code_deps(root)) if any(stages_of.values()) else []
+    return {c: build_record(root, c, evaluation["models"][c], verdicts.get(c), lock, stages_of[c], status, missing)
             for c in candidates}
 
 
+def code_files(root: Path, lock: dict[str, dict], chain: list[str]) -> dict[str, str]:
+    """sha256 of every .py file the chain's stages declare in dvc.lock: named, or inside a declared directory."""
+    found: set[Path] = set()
+    for name in chain:
+        for dep in lock[name].get("deps", []):
+            path = root / dep["path"]
+            if producer(lock, dep["path"]):
+                continue  # an output of another stage, not code
+            if path.is_dir():
+                found.update(path.rglob("*.py"))
+            elif path.suffix == ".py" and path.is_file():  # a deleted one: dvc status reports it
+                found.add(path)
+    return {file.relative_to(root).as_posix(): file_sha256(file) for file in sorted(found)}
+
+
+def installed_architectures(root: Path, stages: dict[str, dict]) -> tuple[dict, list[str]]:
+    """Architectures the chain's params name from installed packages; problems if no distribution provides one."""
+    archs = [(f"dvc.lock: stage {name}, params {where}", arch) for name, stage in stages.items()
+             for where, arch in arch_references(stage["params"])]
+    packages = external_architectures(root, archs)
+    problems = [f"{where}: architecture {arch} is neither a file of the repository nor from an installed "
+                f"distribution; its code cannot be identified" for where, arch in archs
+                if arch in packages and not packages[arch]["distributions"]]
+    return packages, problems
+
+
 def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None, lock: dict[str, dict],
-                 chain: list[str], status: dict[str, list]) -> dict:
+                 chain: list[str], status: dict[str, list], missing: list[MissingDep]) -> dict:
     stage = chain[0] if chain else None
     problems = [] if stage else [f"dvc.lock: no stage records {metrics['file']}"]
     stages = {name: stage_record(lock[name]) for name in chain}
@@ -201,6 +230,10 @@ def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None
     tracked = ["dvc.lock", "dvc.yaml", "params.yaml"] + sorted(
         {p for s in stages.values() for p in s["deps"] if not producer(lock, p)})
     code, code_problems = code_state(root, tracked)
+    code["files"] = code_files(root, lock, chain)
+    code["packages"], package_problems = installed_architectures(root, stages)
+    # Code a stage runs but dvc.yaml does not declare: dvc status cannot see it change.
+    code_problems += [str(m) for m in missing if m.stage in chain or m.stage in RESULT_STAGES] + package_problems
     return {
         "candidate": candidate,
         "stage": stage,
@@ -245,6 +278,17 @@ def format_lineage(record: dict, heading: str | None = None) -> str:
                  f"{m['speedup']:.2f}x faster ({m['runtime']})  gate {verdict}")
     code = record["code"]
     lines.append(f"  code      git {short(code['git_revision'])}" + ("  (dirty tree)" if code["dirty"] else "  (clean)"))
+    files = code.get("files", {})  # absent in records written before code files were recorded
+    row = f"{len(files)} files, sha256:"
+    for item in (f"{path} {short(digest)}" for path, digest in files.items()):
+        if len(row) + len(item) > 90:
+            lines.append(f"            {row}")
+            row = ""
+        row = f"{row}  {item}" if row else item
+    lines.append(f"            {row}")
+    for arch, package in code.get("packages", {}).items():
+        found = ", ".join(f"{name} {version}" for name, version in package["distributions"].items())
+        lines.append(f"            architecture {arch} from {found or 'no distribution'}")
     if record["steps"]:
         lines.append(f"  steps in {record['stage']}:")
         for step in reversed(record["steps"]):
@@ -305,10 +349,13 @@ def reproduce(record: dict, repo_url: str, remote_url: str, workdir: Path, stora
     files = [(f["path"], f["sha256"]) for f in record["files"]]
     if record["teacher"]:
         files.append((record["teacher"]["path"], record["teacher"]["sha256"]))
+    files += record["code"].get("files", {}).items()  # the code at the recorded revision
+    clone = workdir.resolve()
     for path, digest in files:
-        local = workdir / path
-        checks.append({"what": f"{path} (sha256)", "expected": digest,
-                       "actual": file_sha256(local) if local.is_file() else "missing"})
+        local = (clone / path).resolve()  # the record may come from the registry: untrusted paths
+        actual = ("outside the clone" if not local.is_relative_to(clone)
+                  else file_sha256(local) if local.is_file() else "missing")
+        checks.append({"what": f"{path} (sha256)", "expected": digest, "actual": actual})
     for check in checks:
         check["match"] = check["expected"] == check["actual"]
     return checks

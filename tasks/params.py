@@ -35,21 +35,28 @@ class DataParams:
         default_factory=lambda: {"train": 0.6, "validation": 0.15, "test": 0.25}
     )
     seed: int = 0
+    # Samples in two different splits whose root-mean-square feature difference (features scaled
+    # to [0, 1]) is at most this are near-duplicates: leakage that `validate` rejects. 0 = exact only.
+    near_duplicate_distance: float = 0.01
 
     def __post_init__(self) -> None:
         _require(self.source in ("digits", "npz", "csv", "idx"),
                  f"source: must be digits, npz, csv or idx, got {self.source!r}")
         _require(self.source == "digits" or bool(self.path), f"path: required for source {self.source!r}")
         _require(self.source != "idx" or bool(self.labels_path), "labels_path: required for source 'idx'")
+        _require(self.source != "csv" or bool(self.label_column), "label_column: required for source 'csv'")
         _require(len(set(self.classes)) == len(self.classes) >= 2,
                  f"classes: need at least two distinct classes, got {self.classes}")
-        _require(all(d > 0 for d in self.input_shape), f"input_shape: sizes must be positive, got {self.input_shape}")
+        _require(bool(self.input_shape) and all(d > 0 for d in self.input_shape),
+                 f"input_shape: sizes must be positive, got {self.input_shape}")
         _require(len(self.value_range) == 2 and self.value_range[0] < self.value_range[1],
                  f"value_range: must be [low, high] with low < high, got {self.value_range}")
         _require(set(self.split) == {"train", "validation", "test"},
                  f"split: needs exactly train, validation and test fractions, got {sorted(self.split)}")
         _require(all(v > 0 for v in self.split.values()) and sum(self.split.values()) <= 1 + 1e-9,
                  f"split: fractions must be positive and sum to at most 1, got {self.split}")
+        _require(self.near_duplicate_distance >= 0,
+                 f"near_duplicate_distance: must be >= 0, got {self.near_duplicate_distance}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class TrainParams:
                  f"schedule: must be cosine or constant, got {self.schedule!r}")
         _require(self.lr > 0, f"lr: must be positive, got {self.lr}")
         _require(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.momentum < 1, f"momentum: must be in [0, 1), got {self.momentum}")
         _require(self.epochs >= 1, f"epochs: must be at least 1, got {self.epochs}")
         _require(self.augment_shift >= 0, f"augment_shift: must be >= 0, got {self.augment_shift}")
         _require(self.mixup >= 0, f"mixup: must be >= 0, got {self.mixup}")
@@ -99,22 +108,19 @@ class DistillParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    threads: int = 1
-    warmup: int = 20
-    latency_repeats: int = 200
+    """Speed measurement: every model and runtime timed in turn, `rounds` times (tasks/evaluate.py)."""
+
+    threads: int = 1  # intra-op threads of PyTorch and ONNX Runtime
+    warmup: int = 20  # untimed batch-1 calls before each model's turn in a round
+    latency_repeats: int = 200  # timed batch-1 calls per model and round
     throughput_batch: int = 256
-    throughput_repeats: int = 20
+    throughput_repeats: int = 5  # timed batches per model and round
+    rounds: int = 7  # speed-up intervals: [min, max] of the per-round ratios, coverage 1 - 2**(1 - rounds)
 
-
-@dataclass(frozen=True)
-class GateParams:
-    min_accuracy: float = 0.0
-    max_accuracy_drop: float = 100.0  # percentage points below the teacher
-    min_size_reduction: float = 1.0  # teacher bytes / candidate bytes
-    min_speedup: float = 0.0  # teacher p50 latency / candidate p50 latency
-    # Candidate vs the model its recipe started from, on the same runtime: 1.0 = never slower
-    # (e.g. int8 must not be slower than its fp32 source).
-    min_speedup_vs_source: float = 0.0
+    def __post_init__(self) -> None:
+        for name in ("threads", "latency_repeats", "throughput_batch", "throughput_repeats", "rounds"):
+            _require(getattr(self, name) >= 1, f"{name}: must be at least 1, got {getattr(self, name)}")
+        _require(self.warmup >= 0, f"warmup: must be >= 0, got {self.warmup}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,7 @@ class OrchestrationParams:
                  f"task_runner: must be thread or dask, got {self.task_runner!r}")
         _require(self.workers >= 1, f"workers: must be at least 1, got {self.workers}")
         _require(self.retries >= 0, f"retries: must be >= 0, got {self.retries}")
+        _require(self.retry_delay_seconds >= 0, f"retry_delay_seconds: must be >= 0, got {self.retry_delay_seconds}")
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,12 @@ class SweepParams:
                  f"space: keys must be fields of teacher.train {sorted(known)}, got {sorted(self.space)}")
         for name, values in self.space.items():
             if isinstance(values, dict):
-                _require(self.method == "random" and set(values) <= {"min", "max", "log"} and values["min"] < values["max"],
-                         f"space.{name}: a range {{min, max, log}} with min < max, for method random only")
+                low, high = values.get("min"), values.get("max")
+                numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+                _require(self.method == "random" and set(values) <= {"min", "max", "log"} and numbers and low < high
+                         and (low > 0 or not values.get("log")),
+                         f"space.{name}: a range {{min, max, log}} with min < max (min > 0 if log), "
+                         f"for method random only; got {values}")
             else:
                 _require(isinstance(values, list) and len(values) > 0, f"space.{name}: a non-empty list of values")
 

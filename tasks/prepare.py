@@ -14,7 +14,10 @@ which reports all of them at once.
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
+import math
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -37,7 +40,34 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target
 
 
+# What a file holds, from its first bytes: NPZ files are zip archives, anything else is named.
+_SIGNATURES = {
+    b"\x93NUMPY": "a single .npy array (np.save), not an NPZ archive of X and y (np.savez)",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x1f\x8b": "gzip-compressed data",
+    b"\x80": "a Python pickle",
+}
+
+
+def npz_signature_problem(path: Path) -> str | None:
+    """Why the file cannot be an NPZ archive, judged by its first bytes; None if it starts like a zip."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return None
+    for signature, kind in _SIGNATURES.items():
+        if head.startswith(signature):
+            return f"it is {kind}"
+    return f"it does not start with a zip signature (first bytes {head[:4].hex(' ')})"
+
+
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    problem = npz_signature_problem(path)
+    if problem:
+        raise DataError(f"{path}: not a readable NPZ file: {problem}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"X", "y"} - set(f.files)
@@ -47,9 +77,10 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         raise
     except ValueError as e:
-        # allow_pickle=False refuses object arrays: text or mixed columns.
-        raise DataError(f"{path}: arrays must be numeric, not Python objects ({e})") from None
-    except (OSError, EOFError, zlib.error) as e:
+        if "allow_pickle" in str(e):  # allow_pickle=False refuses object arrays: text or mixed columns
+            raise DataError(f"{path}: arrays must be numeric, not Python objects") from None
+        raise DataError(f"{path}: not a readable NPZ file ({e})") from None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable NPZ file ({e or type(e).__name__})") from None
 
 
@@ -60,8 +91,16 @@ def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except pd.errors.ParserError as e:
+        require_complete_rows(path)
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    if frame.empty:
+        raise DataError(f"{path}: has a header but no rows")
+    # pandas fills a short row with NaN, and takes a longer first row as an index column: both shift values.
+    if frame.isna().to_numpy().any() or not frame.index.equals(pd.RangeIndex(len(frame))):
+        require_complete_rows(path)
     if label_column not in frame.columns:
         raise DataError(f"{path}: label column '{label_column}' not found; columns are {list(frame.columns)[:10]}")
     features = frame.drop(columns=[label_column])
@@ -71,27 +110,64 @@ def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     return features.to_numpy(), frame[label_column].to_numpy()
 
 
+def require_complete_rows(path: Path) -> None:
+    """Name the file lines whose row has fewer or more fields than the header, or an empty one."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(row for row in reader if row)  # blank lines are skipped, as pandas does
+        bad = [reader.line_num for row in reader
+               if row and (len(row) != len(header) or any(not value.strip() for value in row))]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{path}: line(s) {shown}: missing or extra fields (the header has {len(header)})")
+
+
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzip-compressed): magic, dims, then the data."""
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """Parse an IDX file (optionally gzip-compressed): magic, dims, then the data.
+
+    The magic is checked before the header's sizes are believed, so a file that is not IDX,
+    or declares the wrong type or number of dimensions, is reported as a bad magic rather
+    than as a huge shape read from data bytes. `ndim`, when given, is the required dimension count.
+    """
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e or 'truncated gzip stream'})") from None
     if len(raw) < 4:
         raise DataError(f"{path}: file is empty or too short for an IDX header")
-    zero, type_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path}: bad IDX magic number {raw[:4].hex()}")
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    magic = f"0x{raw[:4].hex()}"
+    zero, type_code, declared_ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+    if zero != 0 or type_code not in _IDX_DTYPES or declared_ndim == 0 or (ndim and declared_ndim != ndim):
+        raise DataError(f"{path}: bad IDX magic {magic} (expected 0x0000, a type byte 08, 09, 0B, 0C, 0D or 0E, "
+                        f"then the number of dimensions{f', which must be {ndim:02x}' if ndim else ''})")
+    header = 4 + 4 * declared_ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(declared_ndim))
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = header + int(np.prod(dims)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but file has {len(raw)} bytes")
+    if len(raw) < header or len(raw) != header + math.prod(dims) * dtype.itemsize:
+        fitting = idx_layout_fitting(raw)
+        if fitting:
+            fitting_magic, fitting_dims, fitting_dtype = fitting
+            raise DataError(f"{path}: bad IDX magic {magic}: the file's size fits magic 0x{fitting_magic.hex()} "
+                            f"(shape {fitting_dims}, {fitting_dtype.name})")
+        raise DataError(f"{path}: IDX header declares shape {dims} of {dtype.name} "
+                        f"({header + math.prod(dims) * dtype.itemsize} bytes) but the file has {len(raw)} bytes "
+                        "(truncated, or the magic is wrong)")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def idx_layout_fitting(raw: bytes) -> tuple[bytes, tuple[int, ...], np.dtype] | None:
+    """The IDX magic (with its shape and dtype) whose header agrees with the file size, if one does."""
+    for ndim in range(1, 5):
+        header = 4 + 4 * ndim
+        dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        for type_code, name in _IDX_DTYPES.items():
+            dtype = np.dtype(name)
+            if len(raw) >= header and len(raw) == header + math.prod(dims) * dtype.itemsize:
+                return bytes([0, 0, type_code, ndim]), dims, dtype
+    return None
 
 
 def load_source(params: DataParams) -> tuple[np.ndarray, np.ndarray]:
@@ -107,12 +183,12 @@ def load_source(params: DataParams) -> tuple[np.ndarray, np.ndarray]:
     labels_path = Path(params.labels_path)
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: file not found (params.yaml:data.labels_path)")
-    return read_idx(path), read_idx(labels_path)
+    return read_idx(path), read_idx(labels_path, ndim=1)
 
 
 def normalise(X: np.ndarray, y: np.ndarray, params: DataParams, origin: str) -> tuple[np.ndarray, np.ndarray]:
     """Scale features to [0, 1] from the declared raw range; shape samples as declared."""
-    if X.ndim < 2 or len(X) == 0:
+    if X.ndim < 2 or X.size == 0:
         raise DataError(f"{origin}: X must hold at least one sample with features, got shape {X.shape}")
     if y.ndim != 1 or len(y) != len(X):
         raise DataError(f"{origin}: y must be one label per sample: X has {len(X)} samples, y has shape {y.shape}")
@@ -131,8 +207,29 @@ def normalise(X: np.ndarray, y: np.ndarray, params: DataParams, origin: str) -> 
     return X.reshape(len(X), *shape), y.astype(np.int64)
 
 
+def split_sizes(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """How many of `n` samples each split gets: largest-remainder rounding, so no sample is lost
+    to rounding (all `n` are placed when the fractions sum to 1) and each split is within one
+    sample of its exact share. Ties go to the earlier split in SPLITS, so the result is deterministic."""
+    quotas = [n * fractions[s] for s in SPLITS]
+    sizes = [math.floor(q + 1e-9) for q in quotas]  # 1e-9: 0.29 * 100 is 28.999..., not below 29
+    placed = min(n, round(n * sum(fractions.values())))
+    by_remainder = sorted(range(len(SPLITS)), key=lambda i: sizes[i] - quotas[i])
+    for i in by_remainder[: max(0, placed - sum(sizes))]:
+        sizes[i] += 1
+    return dict(zip(SPLITS, sizes))
+
+
+def min_class_size(fractions: dict[str, float]) -> int:
+    """The smallest class size from which every larger class also gets a sample in every split."""
+    n = math.ceil(1 / min(fractions.values()))  # from here on every split's exact share is at least one
+    while n > 1 and min(split_sizes(n - 1, fractions).values()) >= 1:
+        n -= 1
+    return n
+
+
 def stratified_split(y: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Seeded per-class split: each class is divided in the given proportions.
+    """Seeded per-class split: each class is divided in the given proportions (`split_sizes`).
 
     A class too small to reach every split is left missing there, for validate to report,
     instead of being silently oversampled.
@@ -141,12 +238,11 @@ def stratified_split(y: np.ndarray, fractions: dict[str, float], seed: int) -> d
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for label in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == label))
-        n_test = int(round(len(members) * fractions["test"]))
-        n_val = int(round(len(members) * fractions["validation"]))
-        n_train = min(len(members) - n_test - n_val, int(round(len(members) * fractions["train"])))
+        sizes = split_sizes(len(members), fractions)
+        n_test, n_val = sizes["test"], sizes["validation"]
         parts["test"].append(members[:n_test])
         parts["validation"].append(members[n_test : n_test + n_val])
-        parts["train"].append(members[n_test + n_val : n_test + n_val + n_train])
+        parts["train"].append(members[n_test + n_val : n_test + n_val + sizes["train"]])
     return {s: np.sort(np.concatenate(parts[s])) for s in SPLITS}
 
 

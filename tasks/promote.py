@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks.gate import markdown_table, model_cells
 from tasks.io import read_json
 from tasks.lineage import lineages
 from tasks.registry import Registry, candidate_files, now
@@ -38,18 +39,21 @@ def refusals(record: dict) -> list[str]:
     return reasons + [f"lineage incomplete: {p}" for p in record["problems"]]
 
 
-def review_description(records: dict[str, dict], comparison: str, production: dict | None) -> str:
+def review_description(records: dict[str, dict], comparison: str, production: dict | None,
+                       reference: str = "teacher") -> str:
     """The pause form's markdown: what is in production, what may be promoted and why not, the comparison."""
+    columns = {"accuracy": "test accuracy [95% CI]", "change": f"vs {reference}, pts [95% CI] p",
+               "size": "size ×", "speed-up": f"speed-up vs {reference} [interval] (same runtime)"}
+    rows = []
+    for name, record in records.items():
+        cells, reasons = model_cells(record["metrics"], reference, record["gate"]), refusals(record)
+        rows.append([name, *(cells[key] for key in columns), "yes" if not reasons else "no: " + "; ".join(reasons)])
     lines = ["# Promote a candidate to production", "",
              f"In production now: **{production['candidate']}** (version {production['version']})" if production
-             else "Nothing is in production yet.", "", "| candidate | accuracy | size × | speed-up | promotable |",
-             "|---|---|---|---|---|"]
-    for name, record in records.items():
-        m, reasons = record["metrics"], refusals(record)
-        lines.append(f"| {name} | {100 * m['accuracy']:.2f} % | {m['size_reduction']:.1f} | {m['speedup']:.2f} | "
-                     + ("yes" if not reasons else "no: " + "; ".join(reasons)) + " |")
-    lines += ["", "Choose a candidate, approve or reject, and give your name and a comment.", "", "## Comparison",
-              "", comparison]
+             else "Nothing is in production yet.", "",
+             markdown_table(["candidate", *columns.values(), "promotable"], rows), "",
+             "Choose a candidate, approve or reject, and give your name and a comment.", "", "## Comparison", "",
+             comparison]
     return "\n".join(lines)
 
 

@@ -13,7 +13,10 @@ Layout, one prefix per model name:
 Every write is conditional: versions are never overwritten (If-None-Match), and the alias
 moves by compare-and-swap (If-Match), only to a version whose files were read back and
 match their checksums. Racing promotions therefore each get their own number, and the
-alias never points at a version that is missing or half-written.
+alias never points at a version that is missing or half-written. A store that accepts
+those conditions but ignores them is refused before the first write (a probe per store).
+Each alias move carries a request token in its log entry, so a write whose response was
+lost is recognised on retry and never applied twice.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ import datetime
 import hashlib
 import json
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.params import PARAMS_FILE, _require, load_section
-from tasks.storage import Conflict, LocalStore, S3Store, StorageParams, registry_store
+from tasks.storage import Conflict, LocalStore, S3Store, StorageParams, ignored_conditions, registry_store
 
 ALIAS = "production"
 CAS_ATTEMPTS = 20  # alias moves lost to concurrent writers before giving up
+_ENFORCING_STORES: set[tuple[str, str]] = set()  # (endpoint, location) whose conditional-write probe passed
+_PROBE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class Registry:
 
     def register(self, files: dict[str, bytes], lineage: dict, approval: dict) -> dict:
         """Upload a new immutable version; returns its manifest. Nothing else (alias, old versions) changes."""
+        self._require_conditional_writes()
         documents = dict(files, **{"lineage.json": encode(lineage), "approval.json": encode(approval)})
         number = (self.claimed_numbers() or [0])[-1] + 1
         claim = encode({"claimed_at": now(), "candidate": lineage["candidate"], "token": uuid.uuid4().hex})
@@ -154,19 +161,44 @@ class Registry:
     def alias(self, name: str = ALIAS) -> dict | None:
         return self._read_json(f"{self.model}/aliases/{name}.json")
 
-    def _move_alias(self, choose, actor: str, reason: str, action: str) -> dict:
-        """Compare-and-swap the alias to `choose(current)` = (version, history), retried on lost races."""
+    def _require_conditional_writes(self) -> None:
+        """Refuse to write to a store that ignores conditional writes (probed once per store and process)."""
+        where = (self.store.endpoint, self.store.location)
+        with _PROBE_LOCK:
+            if where in _ENFORCING_STORES:
+                return
+            ignored = ignored_conditions(self.store)
+            if ignored:
+                raise RegistryError(
+                    f"{self.store.location} ({self.store.endpoint}) ignores conditional writes "
+                    f"({' and '.join(ignored)} were not enforced); versions could be overwritten and racing alias "
+                    "moves lost, so the registry refuses to write there: use a store that enforces them")
+            _ENFORCING_STORES.add(where)
+
+    def _move_alias(self, action: str, plan, actor: str, reason: str) -> dict:
+        """Compare-and-swap the alias to `plan(current, expected)` = (version, history), retried on lost races.
+
+        `expected` is the version production held when the move was requested, and a token marks this
+        request's log entry: if the write lands but its response is lost, the retry gets a conflict, re-reads
+        and finds the token, so the move is never applied twice. `plan` returns None when nothing is left to do.
+        """
+        self._require_conditional_writes()
         key = f"{self.model}/aliases/{ALIAS}.json"
+        token = uuid.uuid4().hex
+        found = self.store.get(key)
+        expected = json.loads(found[0])["version"] if found else None
         for _ in range(CAS_ATTEMPTS):
-            found = self.store.get(key)
             current = json.loads(found[0]) if found else None
-            number, history = choose(current)
-            if current and current["version"] == number:  # already there (e.g. our retried write landed)
+            log = (current or {}).get("log", [])
+            if any(entry.get("request") == token for entry in log):
+                return current  # our write landed; only its response was lost
+            move = plan(current, expected)
+            if move is None:
                 return current
+            number, history = move
             manifest = self.verify(number)
-            log = (current or {}).get("log", []) + [
-                {"action": action, "version": number, "from": (current or {}).get("version"), "by": actor,
-                 "reason": reason, "at": now()}]
+            log = log + [{"action": action, "version": number, "from": (current or {}).get("version"), "by": actor,
+                          "reason": reason, "at": now(), "request": token}]
             record = {"alias": ALIAS, "version": number, "candidate": manifest["candidate"],
                       "model_sha256": manifest["model_sha256"],
                       "history": history, "log": log}
@@ -174,26 +206,38 @@ class Registry:
                 self.store.put(key, encode(record), **({"if_etag": found[1]} if found else {"if_absent": True}))
                 return record
             except Conflict:
-                continue
+                found = self.store.get(key)
         raise RegistryError(f"{self.location}: alias {ALIAS} kept changing; gave up after {CAS_ATTEMPTS} attempts")
 
     def promote(self, number: int, actor: str, reason: str) -> dict:
         """Point the alias at `number` (verified first); the version it left is kept in the history."""
-        def choose(current):
-            history = (current or {}).get("history", [])
-            return number, history + [current["version"]] if current else history
-        return self._move_alias(choose, actor, reason, "promote")
+        def plan(current, expected):
+            if current and current["version"] == number:
+                return None  # already there
+            return number, current["history"] + [current["version"]] if current else []
+        return self._move_alias("promote", plan, actor, reason)
 
     def rollback(self, actor: str, reason: str) -> dict:
-        """Point the alias back at the version it held before; nothing is deleted."""
-        def choose(current):
-            if not current or not current["history"]:
+        """Point the alias back at the version it held before; nothing is deleted.
+
+        Only from the version in production when the rollback was requested: if production moved on
+        meanwhile, the rollback is refused rather than undoing someone else's move.
+        """
+        def plan(current, expected):
+            if current is None or (current["version"] == expected and not current["history"]):
                 raise RegistryError(f"{self.location}: no earlier version to roll back to")
-            return current["history"][-1], current["history"][:-1]
-        return self._move_alias(choose, actor, reason, "rollback")  # the alias log records it
+            if current["version"] == expected:
+                return current["history"][-1], current["history"][:-1]
+            last = current["log"][-1]
+            if (last["action"], last["from"]) == ("rollback", expected):
+                return None  # the same rollback, made by someone else meanwhile
+            raise RegistryError(f"{self.location}: production moved from {expected} to {current['version']} since "
+                                "the rollback was requested; not applied")
+        return self._move_alias("rollback", plan, actor, reason)  # the alias log records it
 
     def record_review(self, review: dict) -> str:
-        """Keep a decision that changed no version: rejection, refusal, time-out, rollback."""
+        """Keep a decision that changed no version: rejection, refusal, time-out."""
+        self._require_conditional_writes()
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")  # keys sort by time
         key = f"{self.model}/reviews/{stamp}-{uuid.uuid4().hex[:8]}.json"
         self.store.put(key, encode(dict(review, recorded_at=now())), if_absent=True)

@@ -3,13 +3,17 @@
 `search.space` holds recipe templates in which any step setting may be a list of
 choices (sparsity levels, bit widths, student widths, quantization modes). Every
 variant is a trial: the recipe is applied to the source model and measured on the
-validation split, so the test split stays untouched for the final evaluation. When
-there are more variants than `budget`, a seeded sample of `budget` of them runs.
-All trials are recorded; the answer is the best trial by the objective (smallest
-file or lowest latency) among those within the tolerated accuracy drop versus the
-teacher — not the first one that passes. Trials sharing their first steps reuse them.
-The winner is written like a recipe's output (models/candidates/search), so
-evaluate and gate judge it on the test split like every other candidate.
+validation split — which nothing else uses (static int8 calibrates on training
+samples) — so the test split stays untouched for the final evaluation. When there are
+more variants than `budget`, a seeded sample of `budget` of them runs. A trial is within
+tolerance when the upper confidence bound (level 1 - alpha, Tango score) of its paired
+validation drop against the teacher is below `max_accuracy_drop`, the gate's test on the
+validation split. All trials are recorded; the answer is the best trial by the objective
+(smallest file or lowest latency) among those within tolerance — not the first one that
+passes. Trials sharing their first steps reuse them. The winner is written like a
+recipe's output (models/candidates/search), so evaluate and gate judge it on the test
+split like every other candidate; the gate reports how much worse it did there than on
+validation (the optimism of picking the best of many on one split).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.compress import BASE_MODELS, CompressParams, compress, parse_recipe, write_lineage
 from tasks.evaluate import measure_speed
 from tasks.io import read_json, run_main, write_json
 from tasks.models import load_model
 from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, _require, load_section
 from tasks.quantization import OnnxClassifier
-from tasks.training import load_split, predict_logits
+from tasks.statistics import drop_upper_bound
+from tasks.training import Split, load_split, predict_logits
 from tasks.validate import require_validated
 
 OBJECTIVES = ("file_bytes", "latency_ms_p50")
@@ -41,7 +48,8 @@ TRIAL_SPEED = EvaluateParams(threads=1, warmup=10, latency_repeats=100, throughp
 class SearchParams:
     source: str = "teacher"  # the base model every trial starts from
     teacher: str = "teacher"  # distils fine-tuning and distill steps; "" for labels only
-    max_accuracy_drop: float = 0.5  # points below the teacher, on the validation split
+    max_accuracy_drop: float = 0.5  # points below the teacher on validation, shown at confidence 1 - alpha
+    alpha: float = 0.05  # one-sided level of each trial's upper bound of the validation drop
     objective: str = "file_bytes"  # file_bytes (smallest file) | latency_ms_p50 (fastest)
     budget: int = 20  # trials at most
     seed: int = 0  # which variants run when there are more than `budget`
@@ -51,7 +59,9 @@ class SearchParams:
         _require(self.source in BASE_MODELS, f"source: must be one of {list(BASE_MODELS)}, got {self.source!r}")
         _require(self.objective in OBJECTIVES, f"objective: must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         _require(self.budget >= 1, f"budget: must be at least 1, got {self.budget}")
-        _require(self.max_accuracy_drop >= 0, f"max_accuracy_drop: must be >= 0, got {self.max_accuracy_drop}")
+        _require(0 <= self.max_accuracy_drop <= 100,
+                 f"max_accuracy_drop: must be in [0, 100] (percentage points), got {self.max_accuracy_drop}")
+        _require(0 < self.alpha < 0.5, f"alpha: must be in (0, 0.5), got {self.alpha}")
         _require(bool(self.space), "space: at least one recipe template")
 
 
@@ -79,13 +89,21 @@ def plan_trials(params: SearchParams) -> list[list[dict[str, Any]]]:
     return variants
 
 
-def validation_metrics(final: Path, prepared_dir: Path) -> dict[str, float]:
-    classes = read_json(prepared_dir / "schema.json")["classes"]
-    val = load_split(prepared_dir, "validation", classes)
+def validation_metrics(final: Path, validation: Split) -> dict[str, Any]:
+    """Which validation samples the model gets right, its file size and its batch-1 latency."""
     model = OnnxClassifier(final) if final.suffix == ".onnx" else load_model(final)[0]
-    accuracy = float((predict_logits(model, val.X).argmax(1) == val.y).float().mean())
-    return {"accuracy": accuracy, "file_bytes": final.stat().st_size,
-            "latency_ms_p50": measure_speed(model, val.X, TRIAL_SPEED)["latency_ms_p50"]}
+    correct = (predict_logits(model, validation.X).argmax(1) == validation.y).numpy()
+    return {"correct": correct, "file_bytes": final.stat().st_size,
+            "latency_ms_p50": measure_speed(model, validation.X, TRIAL_SPEED)["latency_ms_p50"]}
+
+
+def paired_drop(reference_correct: np.ndarray, correct: np.ndarray, alpha: float) -> dict[str, Any]:
+    """The validation drop against the reference (points) and its one-sided upper confidence bound."""
+    n = len(correct)
+    lost, gained = int(np.sum(reference_correct & ~correct)), int(np.sum(~reference_correct & correct))
+    return {"val_accuracy": float(correct.mean()), "lost": lost, "gained": gained,
+            "accuracy_drop_points": 100 * (lost - gained) / n,
+            "drop_upper_bound_points": 100 * drop_upper_bound(lost, gained, n, alpha)}
 
 
 def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchParams,
@@ -93,7 +111,8 @@ def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchPa
     """Run every planned trial; copy the winner's files and lineage to `out_dir`; return the record."""
     trials = plan_trials(params)
     teacher_path = models_dir / "teacher.safetensors"
-    reference = validation_metrics(teacher_path, prepared_dir)["accuracy"]
+    validation = load_split(prepared_dir, "validation", read_json(prepared_dir / "schema.json")["classes"])
+    reference = validation_metrics(teacher_path, validation)["correct"]
     started = time.perf_counter()
     records, memo = [], {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -105,24 +124,28 @@ def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchPa
             chain = compress(recipe, prepared_dir, models_dir / f"{params.source}.safetensors", teacher_path,
                              trial_dir, compress_params, distill_params, memo=memo)
             write_lineage(trial_dir, recipe, chain, teacher_path if params.teacher else None)
-            metrics = validation_metrics(Path(chain[-1].file), prepared_dir)
-            drop = 100 * (reference - metrics["accuracy"])
-            records.append({"trial": index, "steps": steps, "val_accuracy": metrics["accuracy"],
-                            "accuracy_drop_points": drop, "file_bytes": metrics["file_bytes"],
-                            "latency_ms_p50": metrics["latency_ms_p50"], "within_tolerance": drop <= params.max_accuracy_drop,
+            metrics = validation_metrics(Path(chain[-1].file), validation)
+            drop = paired_drop(reference, metrics["correct"], params.alpha)
+            records.append({"trial": index, "steps": steps, **drop, "file_bytes": metrics["file_bytes"],
+                            "latency_ms_p50": metrics["latency_ms_p50"],
+                            "within_tolerance": drop["drop_upper_bound_points"] < params.max_accuracy_drop,
                             "seconds": time.perf_counter() - start})
             print(f"trial {index}: {' > '.join(s['method'] for s in steps)} {steps} -> val accuracy "
-                  f"{metrics['accuracy']:.4f} (drop {drop:+.2f}), {metrics['file_bytes']:,} bytes, "
+                  f"{drop['val_accuracy']:.4f} (drop {drop['accuracy_drop_points']:+.2f}, at most "
+                  f"{drop['drop_upper_bound_points']:.2f}), {metrics['file_bytes']:,} bytes, "
                   f"p50 {metrics['latency_ms_p50']:.3f} ms")
         passing = [r for r in records if r["within_tolerance"]]
         # Nothing within tolerance: the closest trial becomes the candidate, and the gate will say why it fails.
         best = (min(passing, key=lambda r: r[params.objective]) if passing
-                else min(records, key=lambda r: r["accuracy_drop_points"]))
+                else min(records, key=lambda r: r["drop_upper_bound_points"]))
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(Path(scratch) / f"trial{best['trial']}", out_dir)
-    return {"objective": params.objective, "max_accuracy_drop": params.max_accuracy_drop,
-            "teacher_val_accuracy": reference, "trials": records, "best": best["trial"],
-            "found": bool(passing), "seconds": time.perf_counter() - started}
+    return {"objective": params.objective, "max_accuracy_drop": params.max_accuracy_drop, "alpha": params.alpha,
+            "validation_samples": len(reference), "teacher_val_accuracy": float(reference.mean()), "trials": records,
+            "best": best["trial"], "found": bool(passing),
+            "selected": {"trial": best["trial"], "validation_drop_points": best["accuracy_drop_points"],
+                         "validation_drop_upper_bound_points": best["drop_upper_bound_points"]},
+            "seconds": time.perf_counter() - started}
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -142,7 +165,8 @@ def run(argv: list[str] | None = None) -> None:
     write_json(args.record_out, record)
     best = record["trials"][record["best"]]
     print(f"search: {len(record['trials'])} trials in {record['seconds']:.0f} s; best by {params.objective}: trial "
-          f"{best['trial']} {best['steps']} ({'within' if record['found'] else 'NOT within'} "
+          f"{best['trial']} {best['steps']} (validation drop {best['accuracy_drop_points']:.2f}, at most "
+          f"{best['drop_upper_bound_points']:.2f} at α={params.alpha}: {'within' if record['found'] else 'NOT within'} "
           f"{params.max_accuracy_drop} points) -> {args.out_dir}")
 
 

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def configure_dvc_remote(root: Path, params: StorageParams, url: str | None = No
 class LocalStore:
     """Objects as files under a directory, with the same conditional writes as S3."""
 
+    endpoint = "local directory"
+
     def __init__(self, root: Path):
         self.root = root
         self.location = str(root)
@@ -118,6 +121,9 @@ class LocalStore:
                 os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 class S3Store:
@@ -187,6 +193,31 @@ class S3Store:
         conditions = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_etag} if if_etag else {}
         self._call("put_object", key, Key=f"{self.prefix}/{key}", Body=data, ChecksumAlgorithm="SHA256",
                    **conditions)
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", key, Key=f"{self.prefix}/{key}")
+
+
+def ignored_conditions(store: LocalStore | S3Store) -> list[str]:
+    """The conditional writes `store` does not enforce (If-None-Match, If-Match), found by trying them.
+
+    Some S3-compatible stores accept the headers and write anyway; compare-and-swap would then
+    silently lose concurrent writes. The probe key is fresh, so nothing else is touched.
+    """
+    key = f".conditional-write-probe/{uuid.uuid4().hex}"
+    store.put(key, b"probe", if_absent=True)
+    ignored = []
+    for condition, write in (("If-None-Match", {"if_absent": True}), ("If-Match", {"if_etag": '"not-its-etag"'})):
+        try:
+            store.put(key, f"probe {condition}".encode(), **write)
+            ignored.append(condition)
+        except Conflict:
+            pass
+    try:
+        store.delete(key)
+    except StorageError:
+        pass  # delete permission is not required: the probe key is then left behind, harmless
+    return ignored
 
 
 def registry_store(params: StorageParams, root: Path) -> LocalStore | S3Store:

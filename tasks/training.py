@@ -45,8 +45,16 @@ class Trained:
 
 
 def load_split(prepared_dir: Path, split: str, classes: list[int]) -> Split:
+    """The split with each label replaced by its position in `classes`, in the declared order (sorted or not)."""
     X, y = read_split(prepared_dir, split)
-    return Split(torch.from_numpy(X), torch.from_numpy(np.searchsorted(classes, y)))
+    order = np.argsort(classes)
+    sorted_classes = np.asarray(classes)[order]
+    found = np.minimum(np.searchsorted(sorted_classes, y), len(classes) - 1)
+    unknown = sorted_classes[found] != y
+    if unknown.any():
+        raise ValueError(f"{prepared_dir}/y_{split}.npy: label(s) {np.unique(y[unknown])[:10].tolist()} "
+                         f"not in the declared classes {list(classes)}")
+    return Split(torch.from_numpy(X), torch.from_numpy(order[found]))
 
 
 def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

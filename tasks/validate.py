@@ -1,9 +1,13 @@
 """Stage `validate`: a Great Expectations suite over the prepared data.
 
-GX validates tables, so each split becomes a table with one row per sample and
-the per-sample facts the checks need (label, feature count, min/max, count of
-NaN/inf, dtype). A second table holds the distinct sample hashes of train and
-test, so "no sample in both" is a uniqueness check.
+GX validates tables, so the data becomes tables the checks can be written against:
+- one per split, a row per sample with the per-sample facts (label, feature count,
+  min/max, count of NaN/inf, dtype);
+- `class_counts`, a row per declared class with its sample count in each split, so a
+  class missing from a split (or a split with no samples at all) is named with its counts;
+- one per pair of splits (train/validation, train/test, validation/test), a row per sample
+  of the later split with the row of an identical sample in the earlier split and the
+  distance to its nearest neighbour there: leakage, exact and near-duplicate, by row.
 
 Writes the result as JSON and GX Data Docs (HTML) in every case; on failure it
 raises `ValidationFailed` listing each failed check, so no training starts.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -23,22 +28,32 @@ import pandas as pd
 
 from tasks.io import atomic_path, read_json, read_split, run_main, write_json
 from tasks.params import DataParams, load_section
-from tasks.prepare import SPLITS
+from tasks.prepare import SPLITS, min_class_size
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+# Leakage is checked from each split into every later one: (earlier split, later split).
+SPLIT_PAIRS = (("train", "validation"), ("train", "test"), ("validation", "test"))
+LEAKAGE_TABLES = [f"{earlier}/{later}" for earlier, later in SPLIT_PAIRS]
+SHOWN = 10  # rows or classes named in a failure message; validation.json has them all
 
 
 class ValidationFailed(ValueError):
     """The prepared data broke one or more expectations."""
 
 
+def flatten(X: np.ndarray) -> np.ndarray:
+    return X.reshape(len(X), math.prod(X.shape[1:]))  # not -1: an empty split has no size to infer
+
+
 def sample_table(X: np.ndarray, y: np.ndarray) -> pd.DataFrame:
-    flat = X.reshape(len(X), -1)
+    flat = flatten(X)
     finite = np.where(np.isfinite(flat), flat, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: reported by n_nonfinite
         x_min, x_max = np.nanmin(finite, axis=1), np.nanmax(finite, axis=1)
     return pd.DataFrame({
+        "row": np.arange(len(X)),
         "label": y,
         "n_features": np.full(len(X), flat.shape[1]),
         "n_nonfinite": (~np.isfinite(flat)).sum(axis=1),
@@ -48,8 +63,37 @@ def sample_table(X: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     })
 
 
-def sample_hashes(X: np.ndarray) -> set[str]:
-    return {hashlib.sha1(row.tobytes()).hexdigest() for row in X.reshape(len(X), -1)}
+def class_count_table(labels: dict[str, np.ndarray], classes: list[int]) -> pd.DataFrame:
+    counts = {split: [int(np.sum(y == c)) for c in classes] for split, y in labels.items()}
+    return pd.DataFrame({"class": classes, **counts, "total": np.sum(list(counts.values()), axis=0)})
+
+
+def leakage_table(earlier: str, X_earlier: np.ndarray, later: str, X_later: np.ndarray) -> pd.DataFrame:
+    """A row per sample of `later`: the first identical sample in `earlier` (by bytes) and the
+    nearest one by root-mean-square feature difference (brute-force nearest neighbour)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    ref, query = flatten(X_earlier), flatten(X_later)
+    digests = [hashlib.sha1(sample.tobytes()).digest() for sample in ref]
+    first_row = {digest: row for row, digest in reversed(list(enumerate(digests)))}
+    identical = [first_row.get(hashlib.sha1(q.tobytes()).digest(), pd.NA) for q in query]
+    nearest = np.full(len(query), -1)
+    rms = np.full(len(query), np.nan)
+    # Samples with NaN/inf (reported by the split checks) have no distance; nor do splits of different shapes.
+    ref_ok, query_ok = np.isfinite(ref).all(axis=1), np.isfinite(query).all(axis=1)
+    if ref.shape[1] == query.shape[1] and ref_ok.any() and query_ok.any():
+        ref_rows = np.flatnonzero(ref_ok)
+        _, index = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(ref[ref_ok]).kneighbors(query[query_ok])
+        nearest[query_ok] = ref_rows[index[:, 0]]
+        # The search's distances come from a dot-product expansion; recompute the reported ones exactly.
+        diff = query[query_ok].astype(np.float64) - ref[nearest[query_ok]]
+        rms[query_ok] = np.sqrt(np.mean(diff * diff, axis=1))
+    return pd.DataFrame({
+        f"{later}_row": np.arange(len(query)),
+        f"identical_{earlier}_row": pd.array(identical, dtype="Int64"),
+        f"nearest_{earlier}_row": pd.array(np.where(nearest >= 0, nearest, None), dtype="Int64"),
+        "rms_distance": rms,
+    })
 
 
 def split_expectations(params: DataParams) -> list[Any]:
@@ -72,26 +116,88 @@ def split_expectations(params: DataParams) -> list[Any]:
                                         meta={"check": "feature values within [0, 1] (maximum)"}),
         E.ExpectColumnValuesToBeInSet(column="label", value_set=list(params.classes),
                                       meta={"check": f"labels from the declared classes {list(params.classes)}"}),
-        E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=list(params.classes),
-                                                 meta={"check": "every declared class present"}),
     ]
 
 
-def describe_failure(table: str, result: Any) -> str:
-    """One plain sentence for a failed expectation: which table, which check, how many rows."""
-    check = result.expectation_config.meta["check"]
+def class_count_expectations() -> list[Any]:
+    import great_expectations as gx
+
+    return [gx.expectations.ExpectColumnValuesToBeBetween(
+        column=split, min_value=1, meta={"check": "every declared class present", "split": split}) for split in SPLITS]
+
+
+def leakage_expectations(earlier: str, later: str, params: DataParams) -> list[Any]:
+    import great_expectations as gx
+    from great_expectations.expectations.row_conditions import Column
+
+    E = gx.expectations
+    identical_row = f"identical_{earlier}_row"
+    expectations = [E.ExpectColumnValuesToBeNull(
+        column=identical_row,
+        meta={"check": f"no {later} sample identical to a {earlier} sample", "leak": "identical"})]
+    if params.near_duplicate_distance > 0:
+        # Identical samples are reported above; this one finds the copies that differ a little.
+        expectations.append(E.ExpectColumnValuesToBeBetween(
+            column="rms_distance", min_value=params.near_duplicate_distance, strict_min=True,
+            row_condition=Column(identical_row).is_null(),
+            meta={"check": f"no {later} sample a near-duplicate of a {earlier} sample "
+                           f"(RMS difference <= {params.near_duplicate_distance}, data.near_duplicate_distance)",
+                  "leak": "near_duplicates"}))
+    return expectations
+
+
+def shown(items: list[str]) -> str:
+    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def describe_failure(table: str, result: Any, params: DataParams) -> str:
+    """One plain sentence for a failed expectation: which table, which check, which rows."""
+    meta = result.expectation_config.meta
     details = result.result or {}
-    if "unexpected_count" in details:
-        examples = sorted({str(v) for v in details.get("partial_unexpected_list") or []})[:5]
-        return (f"{table}: {check}: {details['unexpected_count']} of {details.get('element_count')} rows fail"
-                + (f" (e.g. {', '.join(examples)})" if examples else ""))
-    if "partial_missing_list" in details:
-        return f"{table}: {check}: class(es) {sorted(details['partial_missing_list'])} missing"
-    return f"{table}: {check}: observed {details.get('observed_value')}"
+    if result.expectation_config.type == "expect_table_row_count_to_be_between":
+        return f"{table}: split is empty"
+    if table == "class_counts":
+        split, needed = meta["split"], min_class_size(params.split)
+        rows = details["unexpected_index_list"]
+        classes, totals = shown([str(row["class"]) for row in rows]), shown([str(row["total"]) for row in rows])
+        hint = f"; data.split needs at least {needed} per class" if min(row["total"] for row in rows) < needed else ""
+        counts = f"{split} ({totals} in total{hint})"
+        missing = (f"class {classes} has 0 samples in {counts}" if len(rows) == 1 else
+                   f"classes {classes} have 0 samples in {counts}")
+        return f"{split}: {meta['check']}: {missing}"
+    if table in LEAKAGE_TABLES:
+        earlier, later = table.split("/")
+        pairs = [f"{later} row {pair[f'{later}_row']} " + (
+                 f"~ {earlier} row {pair[f'{earlier}_row']} (RMS {pair['rms_distance']:.4f})" if "rms_distance" in pair
+                 else f"= {earlier} row {pair[f'{earlier}_row']}") for pair in leaked_pairs(table, result)]
+        counted = f"{details['unexpected_count']} of {details['element_count']} rows"
+        return f"{table}: {meta['check']}: {counted}: {shown(pairs)}"
+    if "unexpected_count" not in details:  # a column-wide check, such as the label dtype
+        return f"{table}: {meta['check']}: observed {details.get('observed_value')}"
+    rows = [str(row["row"]) for row in details.get("partial_unexpected_index_list") or []]
+    values = sorted({str(v) for v in details.get("partial_unexpected_list") or []})[:5]
+    return (f"{table}: {meta['check']}: {details['unexpected_count']} of {details['element_count']} rows fail"
+            + (f" (rows {', '.join(rows)}{', ...' if details['unexpected_count'] > len(rows) else ''}; "
+               f"values {', '.join(values)})" if rows else ""))
+
+
+def leaked_pairs(table: str, result: Any) -> list[dict[str, Any]]:
+    """The samples a failed leakage check found, by row in each split (and distance for near-duplicates)."""
+    earlier, later = table.split("/")
+    pairs = []
+    for row in result.result["unexpected_index_list"]:
+        pair = {f"{later}_row": int(row[f"{later}_row"])}
+        if "rms_distance" in row:
+            pair[f"{earlier}_row"] = int(row[f"nearest_{earlier}_row"])
+            pair["rms_distance"] = float(row["rms_distance"])
+        else:
+            pair[f"{earlier}_row"] = int(row[f"identical_{earlier}_row"])
+        pairs.append(pair)
+    return pairs
 
 
 def validate(prepared_dir: Path, params: DataParams, docs_dir: Path) -> dict:
-    """Run the suite over every split; writes Data Docs into `docs_dir`; returns the summary."""
+    """Run the suites over every table; writes Data Docs into `docs_dir`; returns the summary."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -103,33 +209,43 @@ def validate(prepared_dir: Path, params: DataParams, docs_dir: Path) -> dict:
     })
     source = context.data_sources.add_pandas("prepared")
     arrays = {s: read_split(prepared_dir, s) for s in SPLITS}
-    tables = {s: sample_table(*arrays[s]) for s in SPLITS}
-    train_hashes, test_hashes = sample_hashes(arrays["train"][0]), sample_hashes(arrays["test"][0])
-    tables["train_test_overlap"] = pd.DataFrame({"sample_hash": sorted(train_hashes) + sorted(test_hashes)})
+    # (table, frame, suite name, expectations, GX result format)
+    tables = [(s, sample_table(*arrays[s]), "prepared_split", split_expectations(params),
+               {"result_format": "SUMMARY", "unexpected_index_column_names": ["row"]}) for s in SPLITS]
+    class_counts = class_count_table({s: arrays[s][1] for s in SPLITS}, params.classes)
+    tables.append(("class_counts", class_counts, "class_counts", class_count_expectations(),
+                   {"result_format": "COMPLETE", "unexpected_index_column_names": ["class", "total"]}))
+    for earlier, later in SPLIT_PAIRS:
+        tables.append((f"{earlier}/{later}", leakage_table(earlier, arrays[earlier][0], later, arrays[later][0]),
+                       f"leakage_{earlier}_{later}", leakage_expectations(earlier, later, params),
+                       {"result_format": "COMPLETE",
+                        "unexpected_index_column_names": [f"{later}_row", f"nearest_{earlier}_row"]}))
 
-    split_suite = context.suites.add(gx.ExpectationSuite(name="prepared_split", expectations=split_expectations(params)))
-    overlap_suite = context.suites.add(gx.ExpectationSuite(name="train_test_overlap", expectations=[
-        gx.expectations.ExpectColumnValuesToBeUnique(
-            column="sample_hash", meta={"check": "no identical sample in both train and test"}),
-    ]))
-    checks, failures = [], []
-    for table, frame in tables.items():
-        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
-        suite = overlap_suite if table == "train_test_overlap" else split_suite
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=table, data=batch, suite=suite))
+    suites: dict[str, Any] = {}
+    checks, failures, leakage = [], [], {}
+    for table, frame, suite_name, expectations, result_format in tables:
+        if suite_name not in suites:
+            suites[suite_name] = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+        name = table.replace("/", "_")
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suites[suite_name]))
         checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name=table, validation_definitions=[definition], result_format="SUMMARY",
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")]))
+            name=name, validation_definitions=[definition], result_format=result_format))
         run = checkpoint.run(batch_parameters={"dataframe": frame})
         for result in next(iter(run.run_results.values())).results:
-            checks.append({"table": table, "check": result.expectation_config.meta["check"],
-                           "success": bool(result.success),
+            check = result.expectation_config.meta["check"]
+            checks.append({"table": table, "check": check, "success": bool(result.success),
                            "unexpected_count": (result.result or {}).get("unexpected_count")})
             if not result.success:
-                failures.append(describe_failure(table, result))
-    # Overlap is counted per pair of equal hashes; report samples, not rows.
+                failures.append(describe_failure(table, result, params))
+                if table in LEAKAGE_TABLES:
+                    leakage.setdefault(table, {})[result.expectation_config.meta["leak"]] = leaked_pairs(table, result)
+    context.build_data_docs()  # once for all tables: rendering is most of the stage's time
     return {"success": not failures, "failures": failures, "checks": checks,
-            "overlapping_samples": len(train_hashes & test_hashes)}
+            "class_counts": {str(row["class"]): {s: int(row[s]) for s in SPLITS}
+                             for row in class_counts.to_dict("records")},
+            "leakage": leakage}
 
 
 def run_validation(prepared_dir: Path, params: DataParams, result_path: Path, docs_dir: Path) -> dict:

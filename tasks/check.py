@@ -1,0 +1,146 @@
+"""`shrinkflow check`: every section of params.yaml and the workspace, checked before anything runs.
+
+A stage reads only its own section, so without this a typo in `distill` is found after the
+teacher has trained, and a bad `teacher.train` only after `dvc repro` has deleted
+models/teacher.safetensors to rerun its stage. `make run` and the Prefect flow run this
+check first; it reports every problem at once, each naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tasks.compress import CompressParams, load_recipes
+from tasks.gate import GateParams
+from tasks.models import build_model, configured_model_specs
+from tasks.params import (PARAMS_FILE, DataParams, DistillParams, EvaluateParams, ModelParams, OrchestrationParams,
+                          SweepParams, from_dict)
+from tasks.registry import RegistryParams
+from tasks.search import SearchParams, plan_trials
+from tasks.serving import ServeParams
+from tasks.storage import StorageParams
+
+
+class WorkspaceInvalid(ValueError):
+    """params.yaml or the workspace has problems: nothing may run until they are fixed."""
+
+
+def parser(cls: type, then: Callable[[Any], Any] = lambda parsed: None) -> Callable[[Any, str], Any]:
+    """Parse a section as `cls` (naming `where` in errors), then run `then` on the result."""
+    def check(values: Any, where: str) -> Any:
+        parsed = from_dict(cls, values, where)
+        then(parsed)
+        return parsed
+    return check
+
+
+SECTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "data": parser(DataParams),
+    "teacher": parser(ModelParams),
+    "student": parser(ModelParams),
+    "distill": parser(DistillParams),
+    "compress": parser(CompressParams, load_recipes),
+    "search": parser(SearchParams, plan_trials),
+    "evaluate": parser(EvaluateParams),
+    "gate": parser(GateParams),
+    "orchestration": parser(OrchestrationParams),
+    "storage": parser(StorageParams),
+    "registry": parser(RegistryParams),
+    "sweep": parser(SweepParams),
+    "serve": parser(ServeParams),
+}
+OPTIONAL_SECTIONS = {"serve"}  # its defaults apply when it is absent
+
+
+def located(error: Exception, section: str) -> str:
+    """The error as a problem naming params.yaml and the section (the parsers name the field)."""
+    message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    if message.startswith(str(PARAMS_FILE)):
+        return message
+    return f"{PARAMS_FILE}:{message}" if message.startswith(section) else f"{PARAMS_FILE}:{section}: {message}"
+
+
+def build_problems(specs: list[tuple[str, dict[str, Any]]], input_shape: list[int], n_classes: int) -> list[str]:
+    """Each model spec resolves and builds a torch.nn.Module, on the meta device (no memory, no weights)."""
+    problems = []
+    for where, spec in specs:
+        try:
+            with torch.device("meta"):
+                build_model(spec, input_shape, n_classes)
+        except Exception as e:  # a user's builder may fail in any way: that is the finding, not a crash
+            problems.append(f"{PARAMS_FILE}:{where}: {type(e).__name__}: {e}")
+    return problems
+
+
+def user_build_problems(root: Path, specs: list[tuple[str, dict[str, Any]]], input_shape: list[int],
+                        n_classes: int) -> list[str]:
+    """build_problems for users' `module:function` architectures, in a fresh interpreter in `root`:
+    imported exactly as a stage imports them, whatever this process has imported before."""
+    request = json.dumps({"specs": specs, "input_shape": input_shape, "n_classes": n_classes})
+    process = subprocess.run([sys.executable, "-m", "tasks.check", request], cwd=root, capture_output=True, text=True)
+    if process.returncode != 0:
+        return [f"{PARAMS_FILE}: checking the architectures {[s['arch'] for _, s in specs]} crashed:\n"
+                f"{process.stderr[-2000:]}"]
+    return json.loads(process.stdout.splitlines()[-1])  # the last line: a builder may print
+
+
+def check_workspace(root: Path) -> list[str]:
+    """Every problem with params.yaml (each section parsed and checked as its stage will) and the workspace."""
+    from tasks.codedeps import missing_code_deps
+
+    try:
+        params = yaml.safe_load((root / PARAMS_FILE).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        return [f"{PARAMS_FILE}: cannot be read ({e})"]
+    if not isinstance(params, dict):
+        return [f"{PARAMS_FILE}: expected a mapping of sections, got {params!r:.80}"]
+    problems = []
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        problems.append(f"{PARAMS_FILE}: unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
+    parsed = {}
+    for section, check in SECTIONS.items():
+        if section not in params:
+            if section not in OPTIONAL_SECTIONS:
+                problems.append(f"{PARAMS_FILE}: section '{section}' is missing")
+            continue
+        try:
+            parsed[section] = check(params[section], f"{PARAMS_FILE}:{section}")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # malformed YAML shapes fail beyond ParamsError
+            problems.append(located(e, section))
+
+    if "data" in parsed:  # models are built for the data's input shape and classes
+        shape, n_classes = parsed["data"].input_shape, len(parsed["data"].classes)
+        specs = list(configured_model_specs(params))
+        problems += build_problems([s for s in specs if ":" not in s[1]["arch"]], shape, n_classes)
+        user = [s for s in specs if ":" in s[1]["arch"]]
+        if user:
+            problems += user_build_problems(root, user, shape, n_classes)
+
+    for partial in sorted((root / "models" / "candidates").glob("*.partial")):
+        problems.append(f"{partial.relative_to(root)}: left by an interrupted compress@{partial.name[:-8]} run; "
+                        f"delete it (DVC would hash it into evaluate's models/candidates dependency)")
+    problems += missing_code_deps(root)
+    return problems
+
+
+def run(root: Path) -> None:
+    """Print a summary, or raise WorkspaceInvalid listing every problem."""
+    problems = check_workspace(root)
+    if problems:
+        raise WorkspaceInvalid(f"shrinkflow check found {len(problems)} problem(s):\n"
+                               + "\n".join(f"  - {p}" for p in problems))
+    print(f"{PARAMS_FILE}: {len(yaml.safe_load((root / PARAMS_FILE).read_text()))} sections valid")
+
+
+if __name__ == "__main__":  # the fresh interpreter of user_build_problems
+    request = json.loads(sys.argv[1])
+    print(json.dumps(build_problems(request["specs"], request["input_shape"], request["n_classes"])))

@@ -1,0 +1,106 @@
+"""`shrinkflow check`: every section of params.yaml and the workspace, every problem at once, before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.check import check_workspace
+from tasks.params import DataParams, OrchestrationParams, ParamsError, SweepParams, TrainParams
+from tasks.workspace import write_params
+from tests.conftest import run, tiny_params
+
+USER_ARCH = '''
+import math
+
+from torch import nn
+
+
+def build(input_shape, n_classes, width=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, n_classes))
+'''
+
+
+def test_valid_params_pass(repo_copy):
+    assert check_workspace(repo_copy) == []
+    result = run(["shrinkflow", "check"], repo_copy)
+    assert result.stdout.strip() == "params.yaml: 12 sections valid"
+
+
+def test_every_problem_in_every_section_is_reported_at_once(repo_copy):
+    params = tiny_params()
+    params["distill"]["temprature"] = 2.0
+    params["teacher"]["train"]["lr"] = -1
+    params["compress"]["recipes"]["pruned"]["steps"][0]["sparsity"] = 1.5
+    params["search"]["objective"] = "bytes"
+    params["storage"]["backend"] = "ftp"
+    params["evalute"] = params.pop("evaluate")
+    params["serve"] = {"poll_seconds": 0}
+    del params["sweep"]
+    write_params(repo_copy, params)
+    problems = check_workspace(repo_copy)
+    expected = [
+        "params.yaml:distill: unknown field(s) ['temprature']",
+        "params.yaml:teacher.train.lr: must be positive, got -1",
+        "params.yaml:compress.recipes.pruned.steps[0].sparsity: must be in [0, 1), got 1.5",
+        "params.yaml:search.objective: must be one of ['file_bytes', 'latency_ms_p50'], got 'bytes'",
+        "params.yaml:storage.backend: must be local or s3, got 'ftp'",
+        "params.yaml: unknown section(s) ['evalute']",
+        "params.yaml: section 'evaluate' is missing",
+        "params.yaml: section 'sweep' is missing",
+        "params.yaml:serve.poll_seconds: must be positive, got 0",
+    ]
+    for message in expected:
+        assert any(p.startswith(message) for p in problems), (message, problems)
+    assert len(problems) == len(expected)
+
+    result = run(["shrinkflow", "check"], repo_copy, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"shrinkflow check found {len(expected)} problem(s)" in result.stderr
+    assert all(message in result.stderr for message in expected)
+
+
+def test_every_configured_architecture_builds_a_module(repo_copy):
+    (repo_copy / "architectures" / "small.py").write_text(USER_ARCH)
+    params = tiny_params()
+    params["teacher"]["model"] = {"arch": "architectures.small:build", "width": 16}  # fine
+    params["student"]["model"] = {"arch": "builtins:print"}
+    params["compress"]["recipes"]["pruned"] = {"source": "distilled", "teacher": "teacher", "steps": [
+        {"method": "distill", "model": {"arch": "resnet9000"}}]}
+    params["search"]["space"] = [[{"method": "distill", "model": [{"arch": "mlp", "hidden": [8]},
+                                                                  {"arch": "mlp", "depth": 3}]}]]
+    params["search"]["teacher"] = "teacher"
+    write_params(repo_copy, params)
+    assert sorted(check_workspace(repo_copy)) == [
+        "params.yaml:compress.recipes.pruned.steps[0].model: ParamsError: model.arch: unknown architecture "
+        "'resnet9000'; use ['cnn', 'mlp'] or 'module:function'",
+        "params.yaml:search.space[0][0].model[1]: ParamsError: model: bad options {'depth': 3} for arch 'mlp' "
+        "(mlp() got an unexpected keyword argument 'depth')",
+        "params.yaml:student.model: ParamsError: model.arch 'builtins:print' returned None, not a torch.nn.Module",
+    ]
+
+
+def test_leftover_partial_candidate_and_undeclared_architecture_are_reported(repo_copy):
+    (repo_copy / "models" / "candidates" / "pruned.partial").mkdir(parents=True)
+    (repo_copy / "mine.py").write_text(USER_ARCH)  # outside architectures/: no stage declares it
+    params = tiny_params()
+    params["student"]["model"] = {"arch": "mine:build"}
+    write_params(repo_copy, params)
+    problems = check_workspace(repo_copy)
+    assert ("models/candidates/pruned.partial: left by an interrupted compress@pruned run; delete it "
+            "(DVC would hash it into evaluate's models/candidates dependency)") in problems
+    assert any(p.startswith("dvc.yaml: stage train_student") and "mine.py" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("cls, values, expected", [
+    (TrainParams, {"weight_decay": -0.1}, "weight_decay: must be >= 0, got -0.1"),
+    (TrainParams, {"momentum": 1.0}, "momentum: must be in [0, 1), got 1.0"),
+    (OrchestrationParams, {"retry_delay_seconds": -1}, "retry_delay_seconds: must be >= 0, got -1"),
+    (DataParams, {"source": "csv", "path": "x.csv", "label_column": ""}, "label_column: required for source 'csv'"),
+    (DataParams, {"input_shape": []}, "input_shape: sizes must be positive, got []"),
+    (SweepParams, {"method": "random", "space": {"lr": {"max": 0.1}}}, "space.lr: a range {min, max, log}"),
+    (SweepParams, {"method": "random", "space": {"lr": {"min": 0, "max": 0.1, "log": True}}}, "(min > 0 if log)"),
+])
+def test_out_of_range_values_are_refused_by_field(cls, values, expected):
+    with pytest.raises(ParamsError) as error:
+        cls(**values)
+    assert expected in str(error.value)
