@@ -159,9 +159,18 @@ def undeclared(stages: dict[str, tuple[list[str], list[CodeDep]]]) -> list[Missi
             for dep in deps if not covered(dep.file, declared)]
 
 
+def unused(stages: dict[str, tuple[list[str], list[CodeDep]]]) -> list[str]:
+    """Declared repository modules a stage does not run: each edit of them would rerun it for nothing."""
+    return [f"dvc.yaml: stage {name} declares {dep}, which it does not import (remove it)"
+            for name, (declared, deps) in stages.items() for dep in declared
+            if dep.endswith(".py") and dep not in {d.file for d in deps}]
+
+
 def missing_code_deps(root: Path) -> list[str]:
-    """One message per (stage, file) the stage runs but dvc.yaml does not declare among its deps."""
-    return [str(missing) for missing in undeclared(code_deps(root))]
+    """One message per (stage, file) the stage runs but dvc.yaml does not declare among its deps, and per
+    declared module it does not run: the code deps are exactly what the stage imports."""
+    stages = code_deps(root)
+    return [str(missing) for missing in undeclared(stages)] + unused(stages)
 
 
 def external_architectures(root: Path, archs: list[tuple[str, str]]) -> dict[str, dict]:
@@ -183,10 +192,10 @@ def main() -> None:
         print(f"{name}:")
         for dep in deps:
             print(f"  - {dep.file}" + ("" if covered(dep.file, declared) else f"    # MISSING: {dep.why}"))
-    missing = undeclared(stages)
-    for item in missing:
-        print(item, file=sys.stderr)
-    sys.exit(1 if missing else 0)
+    problems = [str(item) for item in undeclared(stages)] + unused(stages)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":

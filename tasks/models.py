@@ -142,9 +142,10 @@ def configured_architectures(params: Any) -> TrustedArchitectures:
     return TrustedArchitectures(set(BUILT_IN) | {spec["arch"] for _, spec in configured_model_specs(params)})
 
 
-def trusted_architectures() -> TrustedArchitectures:
-    """configured_architectures of ./params.yaml (every stage runs from the repository root), if there is one."""
-    return configured_architectures(yaml.safe_load(PARAMS_FILE.read_text()) if PARAMS_FILE.is_file() else {})
+def trusted_architectures(params_file: Path = PARAMS_FILE) -> TrustedArchitectures:
+    """configured_architectures of `params_file` (default ./params.yaml: every stage runs from the repository
+    root), if there is one."""
+    return configured_architectures(yaml.safe_load(params_file.read_text()) if params_file.is_file() else {})
 
 
 def build_model(spec: dict[str, Any], input_shape: list[int], n_classes: int,
@@ -215,13 +216,18 @@ def read_config(path: str | Path) -> dict[str, Any]:
             metadata = f.metadata() or {}
     except SafetensorError as e:
         raise ModelFileError(f"{path}: not a safetensors model file ({e})") from None
+    return parse_config(path, metadata)
+
+
+def parse_config(origin: str | Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The shrinkflow config in a model file's metadata (safetensors or ONNX), checked: the file is untrusted."""
     if CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{path}: no {CONFIG_KEY} metadata; not a shrinkflow model file")
+        raise ModelFileError(f"{origin}: no {CONFIG_KEY} metadata; not a shrinkflow model file")
     try:
         config = json.loads(metadata[CONFIG_KEY])
     except (ValueError, RecursionError) as e:
-        raise ModelFileError(f"{path}: {CONFIG_KEY} is not valid JSON ({e})") from None
-    check_config(path, config)
+        raise ModelFileError(f"{origin}: {CONFIG_KEY} is not valid JSON ({e})") from None
+    check_config(origin, config)
     return config
 
 

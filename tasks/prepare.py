@@ -84,7 +84,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not a readable NPZ file ({e or type(e).__name__})") from None
 
 
-def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def read_csv_frame(path: Path):
+    """A CSV file as a pandas frame, with unreadable files, header-only files and incomplete rows named."""
     import pandas as pd
 
     try:
@@ -101,13 +102,23 @@ def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     # pandas fills a short row with NaN, and takes a longer first row as an index column: both shift values.
     if frame.isna().to_numpy().any() or not frame.index.equals(pd.RangeIndex(len(frame))):
         require_complete_rows(path)
-    if label_column not in frame.columns:
-        raise DataError(f"{path}: label column '{label_column}' not found; columns are {list(frame.columns)[:10]}")
-    features = frame.drop(columns=[label_column])
+    return frame
+
+
+def csv_features(path: Path, frame, label_column: str) -> np.ndarray:
+    """The feature columns (all but the label column, if present), which must be numeric."""
+    features = frame.drop(columns=[label_column], errors="ignore")
     non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
     if non_numeric:
         raise DataError(f"{path}: feature column(s) {non_numeric[:10]} are not numeric")
-    return features.to_numpy(), frame[label_column].to_numpy()
+    return features.to_numpy()
+
+
+def load_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    frame = read_csv_frame(path)
+    if label_column not in frame.columns:
+        raise DataError(f"{path}: label column '{label_column}' not found; columns are {list(frame.columns)[:10]}")
+    return csv_features(path, frame, label_column), frame[label_column].to_numpy()
 
 
 def require_complete_rows(path: Path) -> None:

@@ -27,7 +27,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
 from tasks.io import atomic_path
-from tasks.models import CONFIG_KEY
+from tasks.models import CONFIG_KEY, parse_config
 from tasks.params import ParamsError
 
 QUANTIZATION_MODES = ("fp32", "fp16", "int8_dynamic", "int8_static")
@@ -44,8 +44,9 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, config: dict[str, Any]) 
 
 
 def read_onnx_config(path: str | Path) -> dict[str, Any]:
+    """An ONNX model file's shrinkflow config, checked like a safetensors file's (the file is untrusted)."""
     props = {p.key: p.value for p in onnx.load_model(str(path), load_external_data=False).metadata_props}
-    return json.loads(props[CONFIG_KEY])
+    return parse_config(path, props)
 
 
 def export_onnx(model: nn.Module, path: str | Path, config: dict[str, Any]) -> None:

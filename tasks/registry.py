@@ -34,6 +34,7 @@ from tasks.params import PARAMS_FILE, _require, load_section
 from tasks.storage import Conflict, LocalStore, S3Store, StorageParams, ignored_conditions, registry_store
 
 ALIAS = "production"
+FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 CAS_ATTEMPTS = 20  # alias moves lost to concurrent writers before giving up
 _ENFORCING_STORES: set[tuple[str, str]] = set()  # (endpoint, location) whose conditional-write probe passed
 _PROBE_LOCK = threading.Lock()
@@ -44,11 +45,14 @@ class RegistryParams:
     model_name: str = "shrinkflow-model"
     review_timeout_seconds: int = 86400  # a review not answered by then changes nothing
     review_poll_seconds: float = 10.0
+    prefer: str = "file_bytes"  # the review form preselects the promotable candidate with the smallest of these
 
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name)),
                  f"model_name: letters, digits, '.', '_' and '-' only, got {self.model_name!r}")
         _require(self.review_timeout_seconds > 0, "review_timeout_seconds: must be positive")
+        _require(self.prefer in ("file_bytes", "latency_ms_p50"),
+                 f"prefer: file_bytes (smallest deployed file) or latency_ms_p50 (fastest), got {self.prefer!r}")
 
 
 class RegistryError(RuntimeError):
@@ -104,6 +108,8 @@ class Registry:
 
     def read(self, number: int, name: str) -> bytes:
         """A file of a version, checked against the manifest's sha256."""
+        if not FILE_NAME.fullmatch(name):  # names come from an untrusted manifest: no paths
+            raise RegistryError(f"{self.location}: version {number} names a file {name!r}; only plain file names")
         expected = self.manifest(number)["files"].get(name)
         found = self.store.get(self._version_key(number, name))
         if expected is None or found is None:

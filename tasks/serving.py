@@ -10,7 +10,9 @@ are checked against what the model was trained on; anything else is refused with
 
 The server polls the alias every `serve.poll_seconds` and swaps to a new version only once it is
 downloaded, verified and loaded; until then, and whenever that fails, it keeps serving the version
-it has. Registry contents are untrusted: nothing is used before its sha256 matched.
+it has. Registry contents are untrusted: the sha256 check against the manifest catches corruption
+and half-written uploads (the manifest sits in the same store, so it is no signature), and the model
+file itself goes through the safe loader, which never runs code the file names.
 
     shrinkflow predict INPUT [--output predictions.csv]
     shrinkflow serve [--host 127.0.0.1] [--port 8000]
@@ -41,9 +43,9 @@ import torch
 import yaml
 
 from tasks.io import atomic_path, is_transient
-from tasks.models import CONFIG_KEY, ModelFileError, check_config, configured_architectures, load_model
+from tasks.models import ModelFileError, load_model, parse_config, trusted_architectures
 from tasks.params import PARAMS_FILE, DataParams, _require, from_dict, load_section
-from tasks.prepare import DataError, normalise, read_idx
+from tasks.prepare import DataError, csv_features, normalise, npz_signature_problem, read_csv_frame, read_idx
 from tasks.registry import Registry, open_registry
 
 RUNTIMES = ("pytorch", "onnxruntime")
@@ -100,7 +102,8 @@ def training_data(lineage: dict, where: str, label_column: str) -> DataParams:
     """The prepare stage's recorded `data` params (value range, input shape, classes) from a lineage record."""
     try:
         recorded = lineage["stages"][lineage["data"]["prepared"]["stage"]]["params"]["data"]
-        fields = {key: recorded[key] for key in ("value_range", "input_shape", "classes")}
+        # dvc.lock records what params.yaml spelled out; DataParams supplies the defaults of the rest
+        fields = {key: recorded[key] for key in ("value_range", "input_shape", "classes") if key in recorded}
     except (KeyError, TypeError) as e:
         raise ServingError(f"{where}: lineage.json records no data params of the prepare stage (missing {e})") from None
     return from_dict(DataParams, dict(fields, label_column=label_column), f"{where} lineage.json data")
@@ -123,14 +126,7 @@ def onnx_runtime(path: Path, threads: int) -> tuple[Callable, dict]:
     # ONNX Runtime reads external data only from inside the model's directory: a private one holding
     # nothing but the verified file, so a crafted graph cannot make it read anything else.
     classifier = OnnxClassifier(path, threads)
-    metadata = classifier.session.get_modelmeta().custom_metadata_map
-    if CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{path.name}: no {CONFIG_KEY} metadata; not a shrinkflow model file")
-    try:
-        config = json.loads(metadata[CONFIG_KEY])
-    except (ValueError, RecursionError) as e:
-        raise ModelFileError(f"{path.name}: {CONFIG_KEY} is not valid JSON ({e})") from None
-    check_config(path.name, config)
+    config = parse_config(path.name, classifier.session.get_modelmeta().custom_metadata_map)
     declared = classifier.session.get_inputs()[0].shape[1:]
     if len(declared) != len(config["input_shape"]) or any(
             isinstance(d, int) and d != c for d, c in zip(declared, config["input_shape"])):
@@ -184,11 +180,6 @@ def production_alias(registry: Registry) -> dict:
     return alias
 
 
-def trusted_architectures(root: Path) -> dict:
-    """What a registry model file may name: built-ins and the architectures root's params.yaml configures."""
-    return configured_architectures(yaml.safe_load((root / PARAMS_FILE).read_text()) or {})
-
-
 def model_input(X: np.ndarray, deployed: Deployed, origin: str) -> np.ndarray:
     """Raw samples -> the model's input: scaled as in training, shaped as the model takes them, values checked."""
     X, _ = normalise(X, np.zeros(len(X), dtype=np.int64), deployed.data, origin)  # labels play no part here
@@ -220,6 +211,9 @@ def read_features(path: Path, label_column: str) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix == ".npz":
+        problem = npz_signature_problem(path)
+        if problem:
+            raise DataError(f"{path}: not a readable NPZ file: {problem}")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 names = archive.files
@@ -230,17 +224,7 @@ def read_features(path: Path, label_column: str) -> np.ndarray:
             raise DataError(f"{path}: no array 'X' (the samples); found {sorted(names)}")
         return X
     if path.suffix == ".csv":
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not a readable CSV file ({e})") from None
-        features = frame.drop(columns=[label_column], errors="ignore")
-        non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
-        if non_numeric:
-            raise DataError(f"{path}: feature column(s) {non_numeric[:10]} are not numeric")
-        return features.to_numpy()
+        return csv_features(path, read_csv_frame(path), label_column)
     return read_idx(path)
 
 
@@ -298,7 +282,7 @@ class ModelService:
     def __init__(self, root: Path):
         self.registry = open_registry(root)
         self.params = serve_params(root)
-        self.architectures = trusted_architectures(root)
+        self.architectures = trusted_architectures(root / PARAMS_FILE)  # what a registry model may name
         self.label_column = load_section("data", DataParams, root / PARAMS_FILE).label_column
         self.deployed = self._load(production_alias(self.registry))
         self.refused: dict | None = None  # the alias's version that could not be loaded, and why
@@ -425,7 +409,7 @@ class PredictionHandler(BaseHTTPRequestHandler):
                 raise RequestRejected(415, f"Content-Type must be application/json, got "
                                            f"{self.headers.get('Content-Type')!r}")
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not length.isdecimal() or not length.isascii():
                 raise RequestRejected(411, "a Content-Length header with the body's size in bytes is required")
             if int(length) > service.params.max_request_bytes:
                 raise RequestRejected(413, f"body of {int(length):,} bytes is larger than the limit of "
@@ -437,6 +421,9 @@ class PredictionHandler(BaseHTTPRequestHandler):
             self.reply(200, service.classify(service.instances(self.rfile.read(int(length)))))
         except RequestRejected as e:
             self.reply(e.status, {"error": str(e)})
+        except Exception as e:  # a runtime failure: answer it rather than drop the connection
+            log.exception("POST /predict failed")
+            self.reply(500, {"error": f"the model failed on this request: {type(e).__name__}"})
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)

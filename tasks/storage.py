@@ -83,11 +83,15 @@ class LocalStore:
     endpoint = "local directory"
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root = Path(root).resolve()
         self.location = str(root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The file of `key`; keys come from untrusted records, so none may leave the store's directory."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"{self.location}: key {key!r} leaves the store")
+        return path
 
     def get(self, key: str) -> tuple[bytes, str] | None:
         """(content, etag), or None if the object does not exist."""

@@ -51,6 +51,16 @@ def test_an_undeclared_import_is_reported(repo_copy):
         "dvc.yaml: stage gate imports tasks/lineage.py, which is not among its deps"]
 
 
+def test_a_declared_module_the_stage_does_not_import_is_reported(repo_copy):
+    dvc_yaml = repo_copy / "dvc.yaml"
+    text = dvc_yaml.read_text()
+    gate_deps = "      - reports/search.json\n"
+    assert gate_deps in text
+    dvc_yaml.write_text(text.replace(gate_deps, gate_deps + "      - tasks/registry.py\n", 1))
+    assert missing_code_deps(repo_copy) == [
+        "dvc.yaml: stage gate declares tasks/registry.py, which it does not import (remove it)"]
+
+
 def test_a_user_architecture_outside_architectures_dir_is_reported(repo_copy):
     (repo_copy / "mynets").mkdir()
     (repo_copy / "mynets" / "__init__.py").write_text("")

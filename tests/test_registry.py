@@ -11,7 +11,7 @@ import pytest
 import urllib3
 from botocore.exceptions import ConnectionClosedError
 
-from tasks.registry import Registry, RegistryError, sha256
+from tasks.registry import Registry, RegistryError, encode, sha256
 from tasks.storage import LocalStore, S3Store, StorageParams, StorageUnavailable, ignored_conditions
 
 ALIAS_KEY = "digits/aliases/production.json"
@@ -140,6 +140,21 @@ def test_a_version_is_never_overwritten_and_a_missing_one_is_never_promoted(regi
     with pytest.raises(Exception, match="exists or changed"):
         registry.store.put(key, b"tampered", if_absent=True)
     assert registry.read(1, "model.onnx") == b"one"
+
+
+def test_a_manifest_naming_files_outside_the_version_is_refused(registry, tmp_path):
+    """Manifests are untrusted: a crafted file name must not make the registry read anything else."""
+    manifest = registry.register({"model.onnx": b"one"}, lineage("a"), approval("ana"))
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not part of any version")
+    crafted = dict(manifest, files={**manifest["files"], "../../../../../../../..%s" % outside: {"sha256": "0" * 64}})
+    registry.store.put("digits/versions/000001/manifest.json", encode(crafted), if_etag=registry.store.get(
+        "digits/versions/000001/manifest.json")[1])
+    with pytest.raises(RegistryError, match="only plain file names"):
+        registry.verify(1)
+    with pytest.raises(RegistryError, match="only plain file names"):
+        registry.promote(1, "ana", "crafted manifest")
+    assert registry.alias() is None
 
 
 def test_racing_promotions_keep_every_version_and_a_valid_alias(registry):

@@ -152,6 +152,13 @@ def test_predict_refuses_input_the_model_was_not_trained_on_and_writes_nothing(r
     np.savez(tmp_path / "labels-only.npz", y=np.arange(3))
     with pytest.raises(DataError, match=r"no array 'X'"):
         predict(root, tmp_path / "labels-only.npz", output)
+    np.save(tmp_path / "plain.npy", images)
+    (tmp_path / "plain.npy").rename(tmp_path / "renamed.npz")
+    with pytest.raises(DataError, match=r"renamed.npz: not a readable NPZ file: it is a single .npy array"):
+        predict(root, tmp_path / "renamed.npz", output)
+    (tmp_path / "short.csv").write_text("a,b,c\n1,2,3\n4,5\n")
+    with pytest.raises(DataError, match=r"short.csv: line\(s\) 3: missing or extra fields"):
+        predict(root, tmp_path / "short.csv", output)
     assert not output.exists()
 
 
