@@ -200,13 +200,19 @@ class SeaweedServer(S3API):
         deadline = time.monotonic() + wait_seconds
         errors = client.exceptions
         while True:
-            try:  # ready once an object written before a restart reads back: the volumes have re-registered
+            try:  # ready once objects written before a restart read back: the volumes have re-registered
                 try:
-                    client.get_object(Bucket="ready", Key="ready")
+                    client.get_object(Bucket="ready", Key="ready")["Body"].read()
                 except (errors.NoSuchBucket, errors.NoSuchKey):  # the first start
                     with contextlib.suppress(errors.BucketAlreadyOwnedByYou, errors.BucketAlreadyExists):
                         client.create_bucket(Bucket="ready")
-                    client.put_object(Bucket="ready", Key="ready", Body=b"")
+                    client.put_object(Bucket="ready", Key="ready", Body=b"ready")  # not empty: kept in a volume
+                # every bucket is a collection with volumes of its own: read one stored object of each
+                for bucket in client.list_buckets()["Buckets"]:
+                    stored = [o for o in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=50).get("Contents", [])
+                              if o["Size"] > 0]
+                    if stored:
+                        client.get_object(Bucket=bucket["Name"], Key=stored[0]["Key"])["Body"].read()
                 return
             except Exception as e:
                 if self.process.poll() is not None or time.monotonic() > deadline:

@@ -48,7 +48,8 @@ def test_an_undeclared_import_is_reported(repo_copy):
         "dvc.yaml: stage gate imports flows/__init__.py via tasks/codedeps.py, which is not among its deps",
         "dvc.yaml: stage gate imports flows/stages.py via tasks/codedeps.py, which is not among its deps",
         "dvc.yaml: stage gate imports tasks/codedeps.py via tasks/lineage.py, which is not among its deps",
-        "dvc.yaml: stage gate imports tasks/lineage.py, which is not among its deps"]
+        "dvc.yaml: stage gate imports tasks/lineage.py, which is not among its deps",
+        "dvc.yaml: stage gate imports tasks/storage.py via tasks/lineage.py, which is not among its deps"]
 
 
 def test_a_declared_module_the_stage_does_not_import_is_reported(repo_copy):

@@ -147,8 +147,8 @@ def test_an_onnx_only_candidate_is_compared_with_the_teacher_on_onnx_runtime(dig
     save_model(teacher, tmp_path / "teacher.safetensors", dict(config, parameters=650))
     onnx_mlp(tmp_path / "teacher.onnx", [teacher.linear], config)
     heavy = [nn.Linear(64, 512), nn.Linear(512, 512), nn.Linear(512, 10)]
-    onnx_mlp(tmp_path / "heavy.onnx", heavy,
-             dict(config, parameters=sum(p.numel() for layer in heavy for p in layer.parameters())))
+    onnx_mlp(tmp_path / "heavy.onnx", heavy, dict(config, model={"arch": "mlp", "hidden": [512, 512]},
+                                                  parameters=sum(p.numel() for layer in heavy for p in layer.parameters())))
     candidates = {
         "teacher": Candidate(tmp_path / "teacher.safetensors", tmp_path / "teacher.onnx", None, teacher, config,
                              onnx_is_artifact=False),
