@@ -29,7 +29,7 @@ from tasks.io import file_sha256, read_json
 from tasks.lineage import candidate_lineage, format_lineage, reproduce
 from tasks.params import load_section
 from tasks.registry import Registry, RegistryError, open_registry
-from tasks.storage import StorageParams, configure_dvc_remote
+from tasks.storage import StorageParams, configure_dvc_remote, dvc_remote_url
 
 
 def version_number(registry: Registry, ref: str) -> int | None:
@@ -96,12 +96,18 @@ def run_reproduce(root: Path, ref: str, into: str | None, repo: str | None) -> i
         raise RegistryError(f"{ref!r} is not a registry version (a number, v<number> or production)")
     manifest = registry.verify(number)
     record = json.loads(registry.read(number, "lineage.json"))
+    storage = load_section("storage", StorageParams)
+    configured = dvc_remote_url(storage, root)
+    if record["remote"]["url"] != configured:  # the record is untrusted: pull only from our own remote
+        raise RegistryError(f"version {number} was pushed to {record['remote']['url']}, but params.yaml:storage "
+                            f"configures {configured}; refusing to pull from a remote a registry record names")
     workdir = Path(into or tempfile.mkdtemp(prefix=f"shrinkflow-v{number}-"))
     print(f"reproducing {registry.model} version {number} ({record['candidate']}) at git "
           f"{record['code']['git_revision'][:12]} in {workdir}, data from {record['remote']['url']}")
-    checks = reproduce(record, repo or str(root), record["remote"]["url"], workdir,
-                       load_section("storage", StorageParams))
-    cloned = workdir / record["files"][0]["path"]
+    checks = reproduce(record, repo or str(root), configured, workdir, storage)
+    cloned = (workdir / record["files"][0]["path"]).resolve()
+    if not cloned.is_relative_to(workdir.resolve()):
+        raise RegistryError(f"version {number}: lineage.json names {record['files'][0]['path']!r}, outside the clone")
     checks.append({"what": f"registry model.* against the clone's {cloned.name} (sha256)",
                    "expected": manifest["model_sha256"], "actual": file_sha256(cloned) if cloned.is_file() else "missing"})
     checks[-1]["match"] = checks[-1]["expected"] == checks[-1]["actual"]

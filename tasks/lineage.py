@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -320,8 +321,13 @@ def reproduce(record: dict, repo_url: str, remote_url: str, workdir: Path, stora
     from tasks.storage import configure_dvc_remote
 
     revision, stage = record["code"]["git_revision"], record["stage"]
-    steps = [["git", "clone", "--quiet", "--no-checkout", repo_url, str(workdir)],
-             ["git", "-C", str(workdir), "checkout", "--quiet", revision]]
+    # Registry records are untrusted: they name a commit and a stage, never options or commands.
+    if not isinstance(revision, str) or not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise RuntimeError(f"lineage record: git_revision {revision!r} is not a commit id")
+    if not isinstance(stage, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_@.-]{0,127}", stage):
+        raise RuntimeError(f"lineage record: stage {stage!r} is not a dvc.yaml stage name")
+    steps = [["git", "clone", "--quiet", "--no-checkout", "--", repo_url, str(workdir)],
+             ["git", "-C", str(workdir), "checkout", "--quiet", revision, "--"]]
     for command in steps:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -168,3 +168,17 @@ def test_params_arch_must_build_a_module(arch, expected):
     with pytest.raises(ParamsError) as error:
         build_model({"arch": arch}, [1, 8, 8], 10)
     assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("code, stage, message", [
+    ({"git_revision": "--upload-pack=touch /tmp/x"}, "compress@pruned", "is not a commit id"),
+    ({"git_revision": "0" * 40}, "-x; rm -rf /", "is not a dvc.yaml stage name"),
+])
+def test_reproduce_refuses_a_registry_record_naming_options_instead_of_a_commit_or_stage(tmp_path, code, stage,
+                                                                                         message):
+    from tasks.lineage import reproduce
+
+    record = {"code": code, "stage": stage, "stages": {}, "files": [], "teacher": None}
+    with pytest.raises(RuntimeError, match=message):
+        reproduce(record, str(tmp_path / "repo"), str(tmp_path / "remote"), tmp_path / "clone", None)
+    assert not (tmp_path / "clone").exists()  # refused before anything ran
