@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tasks.models import save_model  # noqa: E402
 from tasks.params import DataParams, ModelParams, from_dict  # noqa: E402
 from tasks.prepare import prepare, write_prepared  # noqa: E402
-from tasks.quantization import export_onnx  # noqa: E402
+from tasks.compression.quantization import export_onnx  # noqa: E402
 from tasks.registry import open_registry  # noqa: E402
 from tasks.serving import ModelService, load_test, model_input, softmax  # noqa: E402
 from tasks.training import train_model  # noqa: E402

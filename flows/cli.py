@@ -3,7 +3,8 @@
     shrinkflow check
     shrinkflow lineage <candidate | version | production> [--json]
     shrinkflow registry
-    shrinkflow promote [--candidate NAME (--approve | --reject) --reviewer WHO --comment WHY] [--timeout S]
+    shrinkflow promote [--revision COMMIT] [--candidate NAME (--approve | --reject) --reviewer WHO --comment WHY]
+                       [--timeout S]
     shrinkflow rollback --reviewer WHO --comment WHY
     shrinkflow reproduce <version | production> [--into DIR] [--repo URL]
     shrinkflow push | pull
@@ -16,6 +17,7 @@ Storage (local directory or S3) comes from params.yaml:storage; credentials from
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from tasks.io import file_sha256, read_json
@@ -127,28 +130,42 @@ def paused_promotions(client, tag: str | None) -> list[dict]:
     return response.json()
 
 
-def wait_for_review_form(tag: str | None = None, wait_seconds: float = 120) -> str:
-    """The id of the newest promotion flow run (with `tag`, if given) paused for its review."""
+def wait_for_review_form(tag: str | None = None, wait_seconds: float = 120,
+                         running: Callable[[], bool] = lambda: True) -> str | None:
+    """The id of the newest promotion flow run (with `tag`, if given) paused for its review; None if the flow
+    stopped `running` without pausing (nothing to review)."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + wait_seconds
     with get_client(sync_client=True) as client:
         while not (runs := paused_promotions(client, tag)):
+            if not running():
+                return None
             if time.monotonic() > deadline:
                 raise TimeoutError("no paused shrinkflow-promote flow run to review")
             time.sleep(0.5)
     return runs[0]["id"]
 
 
-def submit_review(review: dict, tag: str | None = None) -> str:
-    """Answer the paused promotion's form through the Prefect API, exactly as the UI does."""
-    from prefect.client.orchestration import get_client
+def submit_review(review: dict, tag: str | None = None, running: Callable[[], bool] = lambda: True) -> str | None:
+    """Answer the paused promotion's form through the Prefect API, exactly as the UI does.
 
-    flow_run_id = wait_for_review_form(tag)
+    An answer the form refuses (e.g. a candidate it does not offer) cancels that promotion run: it would
+    otherwise wait for an answer until it times out."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    flow_run_id = wait_for_review_form(tag, running=running)
+    if flow_run_id is None:
+        return None
     with get_client(sync_client=True) as client:
         result = client.request("POST", f"/flow_runs/{flow_run_id}/resume", json={"run_input": review}).json()
-    if result.get("status") != "ACCEPT":
-        raise ValueError(f"the review was not accepted: {result.get('details')}")
+        if result.get("status") != "ACCEPT":
+            reason = (result.get("details") or {}).get("reason", result)
+            client.set_flow_run_state(flow_run_id, Cancelled(message=f"answer refused by the form: {reason}"),
+                                      force=True)
+            raise ValueError(f"the review form refused the answer {review.get('candidate')!r} "
+                             f"({review.get('decision')}): {reason}")
     return flow_run_id
 
 
@@ -163,7 +180,7 @@ def run_promotion(root: Path, args: argparse.Namespace) -> None:
         if not PREFECT_API_URL.value():
             raise ValueError("no Prefect server to review in (PREFECT_API_URL is not set): start one and set "
                              "it, or decide here with --candidate NAME --approve|--reject --reviewer WHO")
-        print(json.dumps(promotion(timeout_seconds=args.timeout)))
+        print(json.dumps(promotion(revision=args.revision, timeout_seconds=args.timeout)))
         return
     gated = read_json(root / "reports" / "gate.json")["verdicts"]
     if args.candidate not in gated:
@@ -173,9 +190,23 @@ def run_promotion(root: Path, args: argparse.Namespace) -> None:
     tag = f"cli-review-{uuid.uuid4().hex[:12]}"  # so the answer goes to this run, not another paused one
     review = {"candidate": args.candidate, "decision": args.decision, "reviewer": args.reviewer,
               "comment": args.comment}
-    threading.Thread(target=submit_review, args=(review, tag), daemon=True).start()
-    with prefect.tags(tag):
-        print(json.dumps(promotion(timeout_seconds=args.timeout or 300)))
+    outcome: dict = {}
+
+    def run_flow() -> None:
+        with prefect.tags(tag):
+            try:
+                outcome["result"] = promotion(revision=args.revision, timeout_seconds=args.timeout or 300)
+            except Exception as e:  # reported by the main thread
+                outcome["error"] = e
+
+    # The flow waits in a thread; this one answers, and stops waiting if the flow ends without a form.
+    flow_thread = threading.Thread(target=contextvars.copy_context().run, args=(run_flow,), daemon=True)
+    flow_thread.start()
+    submit_review(review, tag, running=flow_thread.is_alive)
+    flow_thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    print(json.dumps(outcome["result"]))
 
 
 def dvc(root: Path, command: str) -> int:
@@ -193,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument("--json", action="store_true")
     commands.add_parser("registry", help="list versions, the production alias and review decisions")
     promote = commands.add_parser("promote", help="run the promotion flow (pauses for a review)")
+    promote.add_argument("--revision", help="the run commit to review (default: the one holding this workspace's "
+                                            "dvc.lock and reports)")
     promote.add_argument("--candidate")
     decision = promote.add_mutually_exclusive_group()
     decision.add_argument("--approve", dest="decision", action="store_const", const="approve")

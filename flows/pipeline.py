@@ -12,6 +12,14 @@ killed by a signal); a crash or a rejection would fail the same way again. When 
 stage fails, the previous outputs of the stages that could not run after it are
 removed, so no stale comparison, gate verdict or candidate passes for this run's.
 
+A run that changed outputs records itself: dvc.lock, params.yaml and the reports are
+committed on top of HEAD to a run ref (refs/heads/shrinkflow/runs/...) without touching
+the user's branch, index or working tree, data and models are pushed to the DVC remote,
+and the candidates' lineages are checked against that commit. If one can be promoted, a
+run from a deployment starts the `shrinkflow-promote/review` deployment with the commit;
+run in-process, the flow prints the command that starts the review. The
+`shrinkflow-run` artifact holds the commit and why each other candidate cannot be promoted.
+
     python -m flows.pipeline [--force]
 """
 
@@ -27,19 +35,29 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.deployments import run_deployment
 from prefect.futures import wait
+from prefect.runtime import deployment
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows.promote import retry_if_unavailable
 from flows.stages import Stage, load_stages, topological_order, upstream, with_downstream
 from tasks import check
 from tasks.io import EXIT_REJECTED, EXIT_TRANSIENT
+from tasks.lineage import NotRecordable, record_run, recorded_revision
 from tasks.params import OrchestrationParams, load_section
+from tasks.promote import dvc_push, gated_candidates, not_promotable, preferred, promotable
+from tasks.registry import RegistryParams
+from tasks.storage import StorageParams
 
 CANDIDATES_ARTIFACT = "shrinkflow-candidates"
 GATE_ARTIFACT = "shrinkflow-gate"
 VALIDATION_ARTIFACT = "shrinkflow-validation"
 REMOVED_OUTPUTS_ARTIFACT = "shrinkflow-removed-outputs"
+RUN_ARTIFACT = "shrinkflow-run"
+REVIEW_DEPLOYMENT = "shrinkflow-promote/review"
 
 
 class StageFailed(RuntimeError):
@@ -119,9 +137,9 @@ def publish_artifacts() -> None:
             "gate": "reference" if verdict is None else "PASS" if verdict["passed"] else "FAIL",
         })
     create_table_artifact(rows, key=CANDIDATES_ARTIFACT, description="Every model against the teacher")
-    create_markdown_artifact(Path("reports/comparison.md").read_text() + "\n" + "\n".join(
-        f"- **{name}**: " + ("passed" if v["passed"] else "failed: " + "; ".join(v["failures"]))
-        for name, v in verdicts.items()), key=GATE_ARTIFACT, description="Gate verdicts and reasons")
+    # comparison.md already lists each verdict and every failure's reason
+    create_markdown_artifact(Path("reports/comparison.md").read_text(), key=GATE_ARTIFACT,
+                             description="Gate verdicts and reasons")
 
 
 def publish_validation_failure() -> None:
@@ -179,10 +197,67 @@ def run_stages(names: list[str], retries: int, retry_delay_seconds: float) -> li
     return completed
 
 
+@task
+def push_outputs(root: Path) -> str:
+    """Every DVC-tracked file (raw and prepared data, teacher, candidates) to the remote; returns its URL."""
+    return dvc_push(root, load_section("storage", StorageParams), [])
+
+
+def start_review(revision: str) -> str | None:
+    """Start the review deployment for `revision` when this run is a deployment's: its worker's checkout is the
+    one the review reads. Returns the review's flow run id; None when run in-process."""
+    if not deployment.id:
+        return None
+    # Not a subflow: a subflow cannot be suspended, and the review outlives this run.
+    review = run_deployment(REVIEW_DEPLOYMENT, parameters={"revision": revision}, timeout=0, as_subflow=False)
+    return str(review.id)
+
+
+def record_and_review(root: Path, ran: list[str], orchestration: OrchestrationParams) -> dict:
+    """Commit the run to a run ref, push its data, check the lineages against that commit, start the review."""
+    flow_run_id = str(get_run_context().flow_run.id)
+    try:
+        run = record_run(root, f"shrinkflow run: {', '.join(ran)}\n\nPrefect flow run {flow_run_id}")
+    except NotRecordable as e:
+        message = f"The run is not recorded, so nothing can be promoted from it: {e}."
+        get_run_logger().warning(message)
+        create_markdown_artifact(f"# Run not recorded\n\n{message}", key=RUN_ARTIFACT,
+                                 description="The git commit of this run and its candidates")
+        return {"revision": None, "review": None}
+    revision = run["revision"]
+    remote = push_outputs.with_options(
+        retries=orchestration.retries, retry_condition_fn=retry_if_unavailable,
+        retry_delay_seconds=exponential_backoff(orchestration.retry_delay_seconds))(root)
+    records = gated_candidates(root, revision)
+    names = promotable(records)
+    review = start_review(revision) if names else None
+    recorded = (f"Commit `{revision}` on `{run['ref']}`" + ("" if run["new"] else " (recorded before)")
+                + f"; data and models pushed to `{remote}`.")
+    if not names:
+        next_step = "No candidate can be promoted, so no review was started."
+    elif review:
+        next_step = f"Review started: flow run `{review}` of `{REVIEW_DEPLOYMENT}`; answer its form in the UI."
+    else:
+        best = preferred(records, names, load_section("registry", RegistryParams).prefer)
+        next_step = (f"Start the review with `shrinkflow promote --revision {revision}` (answer in the Prefect UI), "
+                     f"or decide here: `shrinkflow promote --revision {revision} --candidate {best} --approve "
+                     f"--reviewer YOU --comment WHY`.")
+    print(f"recorded: {recorded}\n{next_step}")
+    reasons = not_promotable(records)
+    parts = ["# Run recorded", recorded, next_step, f"Promotable: {', '.join(f'**{n}**' for n in names) or 'none'}."]
+    create_markdown_artifact("\n\n".join(parts + ([f"## Not promotable\n\n{reasons}"] if reasons else [])),
+                             key=RUN_ARTIFACT, description="The git commit of this run and its candidates")
+    return {"revision": revision, "review": review}
+
+
 @flow(name="shrinkflow-pipeline", log_prints=True)
-def pipeline(force: bool = False) -> list[str]:
-    """Bring every stage up to date (all of them with `force`); returns the stages that ran."""
-    check.run(Path.cwd())  # a bad params.yaml fails the flow here, before any stage runs
+def pipeline(force: bool = False) -> dict:
+    """Bring every stage up to date (all of them with `force`), record the run and start its review.
+
+    Returns the stages that ran, the commit that records the outputs (`revision`) and the review's flow run id.
+    """
+    root = Path.cwd()
+    check.run(root)  # a bad params.yaml fails the flow here, before any stage runs
     params = load_section("orchestration", OrchestrationParams)
     stages = load_stages()
     stale = stale_stages()
@@ -191,13 +266,15 @@ def pipeline(force: bool = False) -> list[str]:
         record_in_dvc_lock(tracked_data)  # as `dvc repro` does before the stages that read them
     names = set(stages) if force else with_downstream(stages, stale - set(tracked_data))
     if not names:
-        print("all stages are up to date; nothing to run")
-        return []
+        revision = recorded_revision(root)
+        print("all stages are up to date; nothing to run; outputs recorded "
+              + (f"at {revision}" if revision else "in no commit"))
+        return {"ran": [], "revision": revision, "review": None}
     print(f"running {sorted(names)} on the {params.task_runner} task runner")
     ran = run_stages.with_options(task_runner=make_task_runner(params))(
         sorted(names), params.retries, params.retry_delay_seconds)
     publish_artifacts()
-    return ran
+    return {"ran": ran, **record_and_review(root, ran, params)}
 
 
 def main() -> None:

@@ -28,11 +28,11 @@ from tasks.io import file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model, read_config, save_model
 from tasks.params import (PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, _require, from_dict,
                           load_section)
-from tasks.pruning import magnitude_prune, sparsity, structured_prune
-from tasks.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
+from tasks.compression.pruning import magnitude_prune, sparsity, structured_prune
+from tasks.compression.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
 from tasks.training import load_split, make_finetune, train_model
 from tasks.validate import require_validated
-from tasks.weight_sharing import share_weights
+from tasks.compression.weight_sharing import share_weights
 
 BASE_MODELS = ("teacher", "student", "distilled")
 # A recipe's name becomes a DVC stage name, a command-line argument and a directory under models/candidates.

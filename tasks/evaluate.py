@@ -44,7 +44,7 @@ from tasks.encodings import CODEBOOK, MASK
 from tasks.io import atomic_path, file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model
 from tasks.params import PARAMS_FILE, EvaluateParams, load_section
-from tasks.quantization import OnnxClassifier, export_onnx, read_onnx_config
+from tasks.compression.quantization import OnnxClassifier, export_onnx, read_onnx_config
 from tasks.statistics import paired_comparison, wilson_interval
 from tasks.training import load_split, predict_logits
 

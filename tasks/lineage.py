@@ -7,6 +7,12 @@ stage (each step file's sha256, from its lineage.json), the sha256 of every code
 chain's stages declare (and the distribution and version of an architecture installed as
 a package), the git revision, metrics and gate verdict. `problems` lists what breaks the
 chain; a candidate with problems cannot be promoted.
+
+The git revision is the commit that holds this workspace's dvc.lock, params and reports: a
+run commit the pipeline flow records on a ref of its own (`record_run`, made with a scratch
+index, so the user's branch, index and working tree stay as they are), or HEAD when the
+user committed them. Revisions and stage names read back from a record are validated before
+they reach git or DVC: a registry record is untrusted.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -29,6 +37,23 @@ TEACHER = "models/teacher.safetensors"
 PREPARED = "data/prepared"
 RAW = "data/raw"
 RESULT_STAGES = ("evaluate", "gate")  # their outputs (metrics, verdicts) must describe the current models
+RUN_REFS = "refs/heads/shrinkflow/runs/"  # one per recorded run: <UTC time>-<commit>
+COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_@.-]{0,127}")  # dvc.yaml names, `name@key` for foreach stages
+RUN_AUTHOR = {"GIT_AUTHOR_NAME": "shrinkflow pipeline", "GIT_AUTHOR_EMAIL": "shrinkflow@localhost",
+              "GIT_COMMITTER_NAME": "shrinkflow pipeline", "GIT_COMMITTER_EMAIL": "shrinkflow@localhost"}
+
+
+class NotRecordable(ValueError):
+    """The workspace cannot hold a git record of a run: not a git repository, or no commit yet."""
+
+
+def is_commit_id(value: object) -> bool:
+    return isinstance(value, str) and COMMIT_ID.fullmatch(value) is not None
+
+
+def is_stage_name(value: object) -> bool:
+    return isinstance(value, str) and STAGE_NAME.fullmatch(value) is not None
 
 
 def read_lock(root: Path) -> dict[str, dict]:
@@ -94,12 +119,16 @@ def stage_status(root: Path, names: list[str]) -> dict[str, list]:
     return json.loads(result.stdout or "{}")
 
 
-def uncached_outs(root: Path) -> set[str]:
-    """Outputs dvc.yaml keeps out of the cache (`cache: false`): never pushed, so never pulled."""
+def dvc_files(root: Path) -> tuple[set[str], set[str]]:
+    """The outputs dvc.yaml keeps out of the cache (`cache: false`: never pushed, so never pulled), and the
+    `.dvc` files of data added to DVC."""
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     with contextlib.chdir(root), Repo(".") as repo:  # DVC resolves some paths against the cwd
-        return {str(out.def_path) for stage in repo.index.stages for out in stage.outs if not out.use_cache}
+        stages = list(repo.index.stages)
+        return ({str(out.def_path) for stage in stages for out in stage.outs if not out.use_cache},
+                {stage.relpath for stage in stages if not isinstance(stage, PipelineStage)})
 
 
 def describe_change(change: list) -> str:
@@ -114,19 +143,119 @@ def describe_change(change: list) -> str:
     return "; ".join(parts)
 
 
-def git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+def git(root: Path, *args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env, input=stdin)
 
 
-def code_state(root: Path, paths: list[str]) -> tuple[dict, list[str]]:
-    """Git revision and dirty flag; problems if a file the lineage rests on is not committed."""
-    revision = git(root, "rev-parse", "HEAD")
-    if revision.returncode != 0:
-        return {"git_revision": None, "dirty": True}, [f"{root}: no git commit; commit dvc.lock and the code"]
-    dirty = bool(git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip())
-    uncommitted = [line[3:] for line in git(root, "status", "--porcelain", "--", *paths).stdout.splitlines()]
-    problems = [f"{path}: not committed at {revision.stdout.strip()[:12]}" for path in uncommitted]
-    return {"git_revision": revision.stdout.strip(), "dirty": dirty}, problems
+def checked_git(root: Path, *args: str, env: dict | None = None) -> str:
+    done = git(root, *args, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {root} failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip()
+
+
+def head_commit(root: Path) -> str:
+    if git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
+        raise NotRecordable(f"{root} is not a git repository: `git init` and commit the code, so that runs can be "
+                            f"recorded and promoted")
+    head = git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+    if head.returncode != 0:
+        raise NotRecordable(f"{root}: the git repository has no commit yet: commit the code (`git add -A && "
+                            f"git commit`), so that runs can be recorded on top of it and promoted")
+    return head.stdout.strip()
+
+
+@contextlib.contextmanager
+def scratch_index(root: Path, revision: str):
+    """Environment for git commands that stage into an index of `revision` in a temporary file, not the user's."""
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-index-") as scratch:
+        env = dict(os.environ, GIT_INDEX_FILE=str(Path(scratch) / "index"))
+        checked_git(root, "read-tree", revision, env=env)
+        yield env
+
+
+def run_files(root: Path) -> list[str]:
+    """What git must hold to describe a run: dvc.lock, params.yaml, the `.dvc` files of data added to DVC and
+    the outputs DVC does not cache (reports, metrics, plots), where they exist and are not git-ignored."""
+    uncached, added = dvc_files(root)
+    present = sorted(f for f in {"dvc.lock", "params.yaml"} | uncached | added if (root / f).exists())
+    ignored = git(root, "check-ignore", "-z", "--stdin", stdin="\0".join(present)).stdout.split("\0")
+    return [f for f in present if f not in ignored]
+
+
+def run_tree(root: Path, head: str) -> str:
+    """The tree of `head` with the workspace's run files in it, written without touching the user's index."""
+    with scratch_index(root, head) as env:
+        checked_git(root, "add", "--all", "--", *run_files(root), env=env)
+        return checked_git(root, "write-tree", env=env)
+
+
+def matching_record(root: Path, head: str, tree: str) -> tuple[str, str] | None:
+    """(commit, ref) of HEAD or of a run recorded on top of it whose tree is `tree`, the newest first."""
+    if checked_git(root, "rev-parse", f"{head}^{{tree}}") == tree:
+        return head, "HEAD"
+    runs = checked_git(root, "for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(tree) %(parent) "
+                       "%(refname)", RUN_REFS)
+    for commit, run_tree_id, parent, ref in (line.split(" ", 3) for line in runs.splitlines()):
+        if (run_tree_id, parent) == (tree, head):
+            return commit, ref
+    return None
+
+
+def recorded_revision(root: Path) -> str | None:
+    """The commit that holds the workspace's run files as they are now (HEAD or a run ref), if any."""
+    try:
+        head = head_commit(root)
+    except NotRecordable:
+        return None
+    found = matching_record(root, head, run_tree(root, head))
+    return found[0] if found else None
+
+
+def record_run(root: Path, message: str) -> dict:
+    """Commit the workspace's run files on top of HEAD to a new run ref, unless HEAD or a run ref holds them.
+
+    Plumbing with a scratch index: the user's branch, index and working tree are left as they are.
+    Returns the commit, its ref and whether it is new.
+    """
+    root = Path(root).resolve()
+    head = head_commit(root)
+    tree = run_tree(root, head)
+    found = matching_record(root, head, tree)
+    if found:
+        return {"revision": found[0], "ref": found[1], "new": False}
+    commit = checked_git(root, "commit-tree", tree, "-p", head, "-m", message, env=dict(os.environ, **RUN_AUTHOR))
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    ref = f"{RUN_REFS}{stamp}-{commit[:12]}"
+    checked_git(root, "update-ref", ref, commit, "")  # "": the ref must not exist yet
+    return {"revision": commit, "ref": ref, "new": True}
+
+
+def worktree_changes(root: Path, env: dict, paths: list[str], untracked: bool) -> list[str]:
+    """Paths whose working-tree content differs from the index in `env` (and, with `untracked`, new files)."""
+    listed = git(root, "status", "--porcelain", "-z", "--no-renames",
+                 f"--untracked-files={'all' if untracked else 'no'}", "--", *paths, env=env)
+    if listed.returncode != 0:
+        raise RuntimeError(f"git status in {root} failed: {listed.stderr.strip()[-2000:]}")
+    # Entries are "XY path": X compares the index with HEAD (not asked here), Y the working tree with the index.
+    return [entry[3:] for entry in listed.stdout.split("\0") if entry and (entry[1] != " " or entry[:2] == "??")]
+
+
+def code_state(root: Path, paths: list[str], revision: str | None = None) -> tuple[dict, list[str]]:
+    """The git revision (HEAD if none is given) and whether the tree differs from it; problems if a file the
+    lineage rests on differs from that revision."""
+    try:
+        head = head_commit(root)
+    except NotRecordable as e:
+        return {"git_revision": None, "dirty": True}, [str(e)]
+    commit = git(root, "rev-parse", "--verify", "--quiet", f"{revision or head}^{{commit}}").stdout.strip()
+    if not commit:
+        return {"git_revision": revision, "dirty": True}, [f"git revision {revision}: not a commit of {root}"]
+    with scratch_index(root, commit) as env:
+        dirty = bool(worktree_changes(root, env, [], untracked=False))
+        uncommitted = worktree_changes(root, env, paths, untracked=True)
+    return ({"git_revision": commit, "dirty": dirty},
+            [f"{path}: not committed at {commit[:12]}" for path in uncommitted])
 
 
 def deployable_files(root: Path, metrics: dict) -> list[Path]:
@@ -152,14 +281,16 @@ def compression_steps(root: Path, model: Path) -> tuple[list[dict], list[str]]:
     return steps, problems
 
 
-def candidate_lineage(root: Path, candidate: str) -> dict:
+def candidate_lineage(root: Path, candidate: str, revision: str | None = None) -> dict:
     """The lineage record of one evaluated candidate in the workspace at `root`."""
-    return lineages(root, [candidate])[candidate]
+    return lineages(root, [candidate], revision)[candidate]
 
 
-def lineages(root: Path, candidates: list[str]) -> dict[str, dict]:
-    """Lineage records of evaluated candidates; dvc.lock, the reports and `dvc status` are read once for all."""
+def lineages(root: Path, candidates: list[str], revision: str | None = None) -> dict[str, dict]:
+    """Lineage records of evaluated candidates against git `revision` (default: the commit that holds the
+    workspace's run files, else HEAD); dvc.lock, the reports and `dvc status` are read once for all."""
     root = Path(root).resolve()
+    revision = revision or recorded_revision(root)
     evaluation = read_json(root / "reports" / "evaluation.json")
     verdicts = read_json(root / "reports" / "gate.json")["verdicts"]
     unknown = [c for c in candidates if c not in evaluation["models"]]
@@ -171,8 +302,8 @@ def lineages(root: Path, candidates: list[str]) -> dict[str, dict]:
     checked = sorted({name for chain in stages_of.values() for name in chain} | (set(RESULT_STAGES) & set(lock)))
     status = stage_status(root, checked) if any(stages_of.values()) else {}
     missing = undeclared(code_deps(root)) if any(stages_of.values()) else []
-    return {c: build_record(root, c, evaluation["models"][c], verdicts.get(c), lock, stages_of[c], status, missing)
-            for c in candidates}
+    return {c: build_record(root, c, evaluation["models"][c], verdicts.get(c), lock, stages_of[c], status, missing,
+                            revision) for c in candidates}
 
 
 def code_files(root: Path, lock: dict[str, dict], chain: list[str]) -> dict[str, str]:
@@ -202,7 +333,7 @@ def installed_architectures(root: Path, stages: dict[str, dict]) -> tuple[dict, 
 
 
 def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None, lock: dict[str, dict],
-                 chain: list[str], status: dict[str, list], missing: list[MissingDep]) -> dict:
+                 chain: list[str], status: dict[str, list], missing: list[MissingDep], revision: str | None) -> dict:
     stage = chain[0] if chain else None
     problems = [] if stage else [f"dvc.lock: no stage records {metrics['file']}"]
     stages = {name: stage_record(lock[name]) for name in chain}
@@ -230,7 +361,7 @@ def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None
             for name in chain + list(RESULT_STAGES) if name in status]
     tracked = ["dvc.lock", "dvc.yaml", "params.yaml"] + sorted(
         {p for s in stages.values() for p in s["deps"] if not producer(lock, p)})
-    code, code_problems = code_state(root, tracked)
+    code, code_problems = code_state(root, tracked, revision)
     code["files"] = code_files(root, lock, chain)
     code["packages"], package_problems = installed_architectures(root, stages)
     # Code a stage runs but dvc.yaml does not declare: dvc status cannot see it change.
@@ -321,23 +452,30 @@ def reproduce(record: dict, repo_url: str, remote_url: str, workdir: Path, stora
     from tasks.storage import configure_dvc_remote
 
     revision, stage = record["code"]["git_revision"], record["stage"]
-    # Registry records are untrusted: they name a commit and a stage, never options or commands.
-    if not isinstance(revision, str) or not re.fullmatch(r"[0-9a-f]{40}", revision):
+    # Registry records are untrusted: they name a commit and stages, never options or commands.
+    if not is_commit_id(revision):
         raise RuntimeError(f"lineage record: git_revision {revision!r} is not a commit id")
-    if not isinstance(stage, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_@.-]{0,127}", stage):
-        raise RuntimeError(f"lineage record: stage {stage!r} is not a dvc.yaml stage name")
-    steps = [["git", "clone", "--quiet", "--no-checkout", "--", repo_url, str(workdir)],
-             ["git", "-C", str(workdir), "checkout", "--quiet", revision, "--"]]
-    for command in steps:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+    for name in [stage, *record["stages"]]:
+        if not is_stage_name(name):
+            raise RuntimeError(f"lineage record: stage {name!r} is not a dvc.yaml stage name")
+    # A clone has every branch, run refs (refs/heads/shrinkflow/runs/) included; a remote that lacks the
+    # run's ref may still serve the commit itself.
+    done = subprocess.run(["git", "clone", "--quiet", "--no-checkout", "--", repo_url, str(workdir)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git clone {repo_url}: {done.stderr.strip()}")
+    if git(workdir, "cat-file", "-e", f"{revision}^{{commit}}").returncode != 0:
+        fetched = git(workdir, "fetch", "--quiet", "origin", revision)
+        if fetched.returncode != 0:
+            raise RuntimeError(f"{repo_url} has no commit {revision} (push its run ref, {RUN_REFS}...): "
+                               f"{fetched.stderr.strip()}")
+    checked_git(workdir, "checkout", "--quiet", revision, "--")
     configure_dvc_remote(workdir, storage, url=remote_url)
     pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "--with-deps", stage], cwd=workdir,
                             capture_output=True, text=True)
     if pulled.returncode != 0:
         raise RuntimeError(f"dvc pull from {remote_url} failed: {(pulled.stderr or pulled.stdout).strip()[-2000:]}")
-    lock, uncached = read_lock(workdir), uncached_outs(workdir)
+    lock, uncached = read_lock(workdir), dvc_files(workdir)[0]
     changed, checks = set(), []
     for name, changes in stage_status(workdir, list(record["stages"])).items():
         for item in changes:

@@ -35,7 +35,7 @@ from tasks.evaluate import measure_speed
 from tasks.io import read_json, run_main, write_json
 from tasks.models import load_model
 from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, _require, load_section
-from tasks.quantization import OnnxClassifier
+from tasks.compression.quantization import OnnxClassifier
 from tasks.statistics import drop_upper_bound
 from tasks.training import Split, load_split, predict_logits
 from tasks.validate import require_validated

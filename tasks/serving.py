@@ -121,7 +121,7 @@ def torch_runtime(path: Path, architectures: dict, threads: int) -> tuple[Callab
 
 
 def onnx_runtime(path: Path, threads: int) -> tuple[Callable, dict]:
-    from tasks.quantization import OnnxClassifier  # imports the ONNX quantization tooling: only when needed
+    from tasks.compression.quantization import OnnxClassifier  # imports the ONNX quantization tooling: only when needed
 
     # ONNX Runtime reads external data only from inside the model's directory: a private one holding
     # nothing but the verified file, so a crafted graph cannot make it read anything else.

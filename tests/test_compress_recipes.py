@@ -16,7 +16,7 @@ from tasks.compress import CompressParams, calibration_data, compress, parse_rec
 from tasks.io import file_sha256
 from tasks.models import load_model, read_config
 from tasks.params import DistillParams, ParamsError, from_dict, load_section
-from tasks.quantization import export_onnx, quantize_onnx, read_onnx_config
+from tasks.compression.quantization import export_onnx, quantize_onnx, read_onnx_config
 from tasks.search import SearchParams, plan_trials, search
 from tasks.statistics import drop_upper_bound
 from tasks.training import load_split

@@ -11,11 +11,11 @@ import torch
 from tasks.encodings import encode_state, pack_bits, unpack_bits
 from tasks.models import build_model, count_parameters, load_model, save_model
 from tasks.params import ParamsError
-from tasks.pruning import magnitude_prune, sparsity, structured_prune
-from tasks.quantization import OnnxClassifier, export_onnx, quantize_onnx, read_onnx_config
+from tasks.compression.pruning import magnitude_prune, sparsity, structured_prune
+from tasks.compression.quantization import OnnxClassifier, export_onnx, quantize_onnx, read_onnx_config
 from tasks.train_teacher import train_teacher
 from tasks.training import load_split, make_finetune, predict_logits
-from tasks.weight_sharing import share_weights
+from tasks.compression.weight_sharing import share_weights
 from tests.conftest import model_params
 
 

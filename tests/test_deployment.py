@@ -115,20 +115,21 @@ class PrefectServer:
             pytest.fail(f"the server's scheduler fails (SQLAlchemy >= 2.1?):\n{log[start:start + 4000]}")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def prefect_server(request, tmp_path) -> Iterator[PrefectServer]:
-    """`prefect server start` on loopback with its own home, on SQLite or PostgreSQL; stopped after the test."""
+@contextlib.contextmanager
+def start_prefect_server(home: Path, server_settings: dict[str, str]) -> Iterator[PrefectServer]:
+    """`prefect server start` on a free loopback port with its own home under `home`; stopped on exit."""
     port = free_port()
     inherited = {key: value for key, value in tool_env().items() if not key.startswith("PREFECT_")}
-    client_env = dict(inherited, PREFECT_HOME=str(tmp_path / "prefect-home"),
+    client_env = dict(inherited, PREFECT_HOME=str(home / "prefect-home"),
                       PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-    database = request.getfixturevalue("postgres_database") if request.param == "postgresql" else {}
-    server = PrefectServer(client_env, tmp_path / "server.log")
+    server = PrefectServer(client_env, home / "server.log")
     with open(server.log, "w") as log:
         # In the checkout, for its prefect.toml; a session of its own, so stopping it stops all its processes.
         process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=ROOT, env=dict(client_env, **SERVER_SETTINGS, **database), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   cwd=ROOT, env=dict(client_env, **server_settings,
+                                                      # where the UI's JavaScript sends its requests, if served
+                                                      PREFECT_UI_API_URL=server.url),
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not server.is_up():
@@ -137,12 +138,25 @@ def prefect_server(request, tmp_path) -> Iterator[PrefectServer]:
             time.sleep(1)
         yield server
     finally:
-        stop_session(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            stop_session(process, signal.SIGKILL)
-            process.wait()
+        stop(process)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def prefect_server(request, tmp_path) -> Iterator[PrefectServer]:
+    """A server on SQLite or PostgreSQL for one test."""
+    database = request.getfixturevalue("postgres_database") if request.param == "postgresql" else {}
+    with start_prefect_server(tmp_path, dict(SERVER_SETTINGS, **database)) as server:
+        yield server
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop the process's whole session: politely, then by force after 30 s."""
+    stop_session(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        stop_session(process, signal.SIGKILL)
+        process.wait()
 
 
 def stop_session(process: subprocess.Popen, signal_number: int) -> None:

@@ -19,7 +19,7 @@ from tasks.evaluate import (Candidate, Runner, base_candidate, evaluate, measure
 from tasks.io import file_sha256, read_json
 from tasks.models import load_model, save_model
 from tasks.params import EvaluateParams, ParamsError, from_dict
-from tasks.quantization import OnnxClassifier, read_onnx_config, save_onnx
+from tasks.compression.quantization import OnnxClassifier, read_onnx_config, save_onnx
 from tests.conftest import TINY_PARAMS, distill_params
 
 FAST = EvaluateParams(threads=1, rounds=3, warmup=1, latency_repeats=4, throughput_batch=2, throughput_repeats=1)

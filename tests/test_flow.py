@@ -46,24 +46,24 @@ def test_flow_equals_dvc_repro_then_caches_then_reruns_one_branch(prefect_server
     repo = copy_pipeline(tmp_path / "flow", params)
     monkeypatch.chdir(repo)
 
-    assert sorted(pipeline()) == sorted(load_stages())
+    assert sorted(pipeline()["ran"]) == sorted(load_stages())
     assert out_hashes(repo) == out_hashes(reference)
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout
 
     teacher_mtime = (repo / "models" / "teacher.safetensors").stat().st_mtime_ns
-    assert pipeline() == []  # nothing stale: nothing runs
+    assert pipeline()["ran"] == []  # nothing stale: nothing runs
     assert (repo / "models" / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
     params["distill"]["temperature"] = 2.0
     write_params(repo, params)
-    assert sorted(pipeline()) == ["compress@int8", "compress@pruned", "distill", "evaluate", "gate", "search"]
+    assert sorted(pipeline()["ran"]) == ["compress@int8", "compress@pruned", "distill", "evaluate", "gate", "search"]
     assert (repo / "models" / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime
 
     params["compress"]["recipes"]["pruned"]["steps"][0]["sparsity"] = 0.6
     write_params(repo, params)
     int8_mtime = (repo / "models" / "candidates" / "int8" / "lineage.json").stat().st_mtime_ns
-    assert sorted(pipeline()) == ["compress@pruned", "evaluate", "gate"]  # one branch, not its siblings
+    assert sorted(pipeline()["ran"]) == ["compress@pruned", "evaluate", "gate"]  # one branch, not its siblings
     assert (repo / "models" / "candidates" / "int8" / "lineage.json").stat().st_mtime_ns == int8_mtime
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
 
@@ -173,7 +173,7 @@ def teacher_run_counts() -> list[int]:
 def test_transient_failure_is_retried(prefect_server, tmp_path, monkeypatch):
     repo = repo_with_teacher_arch(tmp_path, "flaky", FLAKY_ARCH)
     monkeypatch.chdir(repo)
-    assert "train_teacher" in pipeline()
+    assert "train_teacher" in pipeline()["ran"]
     assert teacher_run_counts()[0] == 2  # failed once (exit 75), then passed on the retry
     assert (repo / "models" / "teacher.safetensors").is_file()
 
@@ -222,7 +222,7 @@ def test_dask_task_runner_with_a_two_worker_local_cluster(prefect_server, tmp_pa
     repo = copy_pipeline(tmp_path / "repo", params)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Dask worker processes import flows.pipeline
-    assert sorted(pipeline()) == sorted(load_stages())
+    assert sorted(pipeline()["ran"]) == sorted(load_stages())
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
 
 

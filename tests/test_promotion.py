@@ -39,11 +39,15 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="module")
-def built_repo(tmp_path_factory) -> Path:
-    """The pipeline run once by `dvc repro`, raw data tracked by DVC, everything committed."""
+def built_pipeline(tmp_path_factory) -> Path:
+    """The pipeline run by `dvc repro`, raw data tracked by DVC, everything committed: built once per test session
+    (tests/test_nightly.py uses it too). Tests change copies of it, never the build itself."""
+    repo, built = tmp_path_factory.getbasetemp() / "built-pipeline", tmp_path_factory.getbasetemp() / "built.done"
+    if built.exists():
+        return repo
+    shutil.rmtree(repo, ignore_errors=True)  # left by a build that failed
     params = tiny_params()
-    repo = copy_pipeline(tmp_path_factory.mktemp("built") / "repo", params)
+    copy_pipeline(repo, params)
     X, y = load_digits(return_X_y=True)
     np.savez(repo / "data" / "raw" / "digits.npz", X=X.reshape(-1, 8, 8), y=y)
     run(["dvc", "add", "data/raw/digits.npz"], repo)
@@ -51,7 +55,13 @@ def built_repo(tmp_path_factory) -> Path:
     write_params(repo, params)
     run(["dvc", "repro"], repo)
     commit(repo, "pipeline run")
+    built.touch()
     return repo
+
+
+@pytest.fixture(scope="module")
+def built_repo(tmp_path_factory) -> Path:
+    return built_pipeline(tmp_path_factory)
 
 
 @pytest.fixture
@@ -175,26 +185,42 @@ def test_reject_and_timeout_change_nothing_but_are_recorded(prefect_server, repo
         ("reject", "wait for the bigger eval set"), ("timeout", None)]
 
 
-def test_gate_failed_or_incomplete_lineage_is_refused_even_when_approved(prefect_server, repo):
+def test_an_approval_is_refused_if_the_workspace_changed_and_nothing_is_offered_if_nothing_is_promotable(
+        prefect_server, repo):
     registry = open_registry(repo)
-    with pytest.raises(PromotionRefused, match="student cannot be promoted .*does not derive from the teacher"):
-        review_and_run({"candidate": "student", "decision": "approve", "reviewer": "ana", "comment": "tiny"})
-
     candidate_file = repo / "models" / "candidates" / "search" / "step1-prune.safetensors"
-    candidate_file.write_bytes(candidate_file.read_bytes() + b"\0")  # changed after dvc.lock recorded it
-    with pytest.raises(PromotionRefused, match="lineage incomplete: search changed since dvc.lock"):
-        review_and_run({"candidate": "search", "decision": "approve", "reviewer": "ana", "comment": "ok"})
+    original = candidate_file.read_bytes()
+
+    def change_then_approve() -> None:
+        wait_for_review_form()
+        candidate_file.write_bytes(original + b"\0")  # changed after dvc.lock recorded it, during the review
+        submit_review({"candidate": "search", "decision": "approve", "reviewer": "ana", "comment": "ok"})
+
+    threading.Thread(target=contextvars.copy_context().run, args=(change_then_approve,), daemon=True).start()
+    with pytest.raises(PromotionRefused, match="search cannot be promoted although ana approved it: lineage "
+                                               "incomplete: search changed since dvc.lock .*files changed while"):
+        promotion(timeout_seconds=120)
+    refused_run = api_filter("flow_runs", {"flows": {"name": {"any_": ["shrinkflow-promote"]}},
+                                           "sort": "EXPECTED_START_TIME_DESC"})[0]
+    assert refused_run["state"]["type"] == "FAILED"
+    assert refused_run["state"]["message"].startswith("search cannot be promoted although ana approved it")
+    logs = api_filter("logs", {"logs": {"flow_run_id": {"any_": [refused_run["id"]]}}})
+    assert logs and not any("Traceback" in log["message"] for log in logs)  # one readable reason, no traceback
+    [refusal] = registry.reviews()
+    assert (refusal["decision"], refusal["candidate"]) == ("refused", "search")
+    candidate_file.write_bytes(original)
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["gate"]["min_accuracy"] = 0.999
     write_params(repo, params)
     run(["dvc", "repro", "gate"], repo)
     commit(repo, "stricter gate")
-    with pytest.raises(PromotionRefused, match="pruned cannot be promoted .*failed its gate: accuracy"):
-        review_and_run({"candidate": "pruned", "decision": "approve", "reviewer": "ana", "comment": "ship it"})
-
+    with pytest.raises(PromotionRefused, match=r"no candidate can be promoted at [0-9a-f]{12}, so there is nothing "
+                                               r"to review:\n(- \*\*\w+\*\*: .*\n)*- \*\*pruned\*\*: failed its "
+                                               r"gate: accuracy"):
+        promotion(timeout_seconds=120)  # no form to wait on
     assert registry.versions() == [] and registry.alias() is None and registry.claimed_numbers() == []
-    assert [r["decision"] for r in registry.reviews()] == ["refused"] * 3
+    assert [r["decision"] for r in registry.reviews()] == ["refused"]  # nothing was decided the second time
 
 
 @pytest.mark.parametrize("lost_write", ["model.safetensors", "manifest.json", "aliases/production.json"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from tasks.models import CONFIG_KEY, ModelFileError, build_model, configured_architectures, load_model, save_model
 from tasks.params import ParamsError
-from tasks.pruning import magnitude_prune
+from tasks.compression.pruning import magnitude_prune
 
 CONFIG = {"model": {"arch": "mlp", "hidden": [16]}, "input_shape": [1, 8, 8], "classes": list(range(10))}
 STATE = build_model(CONFIG["model"], CONFIG["input_shape"], 10).state_dict()

@@ -18,7 +18,7 @@ import yaml
 
 from tasks.models import load_model, save_model
 from tasks.prepare import DataError
-from tasks.quantization import OnnxClassifier, export_onnx
+from tasks.compression.quantization import OnnxClassifier, export_onnx
 from tasks.registry import RegistryError, open_registry
 from tasks.serving import ServingError, load_test, make_server, predict
 from tasks.training import train_model

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tasks.params import ParamsError
-from tasks.pruning import Finetune, prunable_weights
+from tasks.compression.pruning import Finetune, prunable_weights
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
