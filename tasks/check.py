@@ -24,7 +24,7 @@ from tasks.models import build_model, configured_model_specs
 from tasks.params import (PARAMS_FILE, DataParams, DistillParams, EvaluateParams, ModelParams, OrchestrationParams,
                           SweepParams, from_dict)
 from tasks.registry import RegistryParams
-from tasks.search import SearchParams, plan_trials
+from tasks.search import SearchParams, check_recipes, plan_trials
 from tasks.serving import ServeParams
 from tasks.storage import StorageParams
 
@@ -80,11 +80,18 @@ def build_problems(specs: list[tuple[str, dict[str, Any]]], input_shape: list[in
     return problems
 
 
-def user_build_problems(root: Path, specs: list[tuple[str, dict[str, Any]]], input_shape: list[int],
-                        n_classes: int) -> list[str]:
-    """build_problems for users' `module:function` architectures, in a fresh interpreter in `root`:
-    imported exactly as a stage imports them, whatever this process has imported before."""
-    request = json.dumps({"specs": specs, "input_shape": input_shape, "n_classes": n_classes})
+def architecture_problems(params: dict[str, Any], specs: list[tuple[str, dict[str, Any]]], input_shape: list[int],
+                          n_classes: int) -> list[str]:
+    """Every model spec builds, and every recipe and search variant can apply to the model it starts from."""
+    problems = build_problems(specs, input_shape, n_classes)
+    return problems + [f"{PARAMS_FILE}:{problem}" for problem in check_recipes(params)]
+
+
+def user_architecture_problems(root: Path, params: dict[str, Any], specs: list[tuple[str, dict[str, Any]]],
+                               input_shape: list[int], n_classes: int) -> list[str]:
+    """architecture_problems when users' `module:function` architectures are configured, in a fresh interpreter
+    in `root`: imported exactly as a stage imports them, whatever this process has imported before."""
+    request = json.dumps({"params": params, "specs": specs, "input_shape": input_shape, "n_classes": n_classes})
     process = subprocess.run([sys.executable, "-m", "tasks.check", request], cwd=root, capture_output=True, text=True)
     if process.returncode != 0:
         return [f"{PARAMS_FILE}: checking the architectures {[s['arch'] for _, s in specs]} crashed:\n"
@@ -120,10 +127,10 @@ def check_workspace(root: Path) -> list[str]:
     if "data" in parsed:  # models are built for the data's input shape and classes
         shape, n_classes = parsed["data"].input_shape, len(parsed["data"].classes)
         specs = list(configured_model_specs(params))
-        problems += build_problems([s for s in specs if ":" not in s[1]["arch"]], shape, n_classes)
-        user = [s for s in specs if ":" in s[1]["arch"]]
-        if user:
-            problems += user_build_problems(root, user, shape, n_classes)
+        if any(":" in spec["arch"] for _, spec in specs):
+            problems += user_architecture_problems(root, params, specs, shape, n_classes)
+        else:
+            problems += architecture_problems(params, specs, shape, n_classes)
 
     for partial in sorted((root / "models" / "candidates").glob("*.partial")):
         problems.append(f"{partial.relative_to(root)}: left by an interrupted compress@{partial.name[:-8]} run; "
@@ -141,6 +148,7 @@ def run(root: Path) -> None:
     print(f"{PARAMS_FILE}: {len(yaml.safe_load((root / PARAMS_FILE).read_text()))} sections valid")
 
 
-if __name__ == "__main__":  # the fresh interpreter of user_build_problems
+if __name__ == "__main__":  # the fresh interpreter of user_architecture_problems
     request = json.loads(sys.argv[1])
-    print(json.dumps(build_problems(request["specs"], request["input_shape"], request["n_classes"])))
+    print(json.dumps(architecture_problems(request["params"], request["specs"], request["input_shape"],
+                                           request["n_classes"])))

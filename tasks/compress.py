@@ -5,7 +5,9 @@ student or distilled) and its steps, e.g. distill → prune 90 % → share 4 bit
 structured prune → int8. Every step writes its own model file, whose config records
 the parent file's hash and the step that made it, and the stage writes lineage.json
 for the whole chain. The final model is exported to ONNX when it is a PyTorch model,
-so both runtimes can be measured. Recipes are checked completely before any training.
+so both runtimes can be measured. Recipes are checked completely before any training: their
+settings when params are parsed, and whether each method applies to the architecture by a dry run on
+the source model (tasks/compression/methods.py defines the methods).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -24,41 +27,28 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from tasks.compression.methods import METHODS, Step, StepContext, dry_run, parse_step
+from tasks.compression.pruning import sparsity
+from tasks.compression.quantization import export_onnx
 from tasks.io import file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model, read_config, save_model
-from tasks.params import (PARAMS_FILE, DistillParams, ModelParams, ParamsError, TrainParams, _require, from_dict,
-                          load_section)
-from tasks.compression.pruning import magnitude_prune, sparsity, structured_prune
-from tasks.compression.quantization import QUANTIZATION_MODES, export_onnx, quantize_onnx
+from tasks.params import (
+    PARAMS_FILE,
+    DistillParams,
+    ParamsError,
+    TrainParams,
+    _require,
+    from_dict,
+    load_section,
+)
 from tasks.training import load_split, make_finetune, train_model
 from tasks.validate import require_validated
-from tasks.compression.weight_sharing import share_weights
 
 BASE_MODELS = ("teacher", "student", "distilled")
 # A recipe's name becomes a DVC stage name, a command-line argument and a directory under models/candidates.
 RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # The calibration subset only has to be reproducible: a fixed seed, so the same data gives the same int8 file.
 CALIBRATION_SEED = 0
-# The settings each method accepts, with their defaults.
-METHODS: dict[str, dict[str, Any]] = {
-    "distill": {"model": None, "train": {}},  # a new (smaller) architecture trained from the teacher
-    "prune": {"sparsity": None, "scope": "global", "rounds": 3},
-    "structured_prune": {"ratio": None},
-    "share": {"bits": None},
-    "quantize": {"mode": "int8_static"},
-}
-NEEDS_TEACHER = {"distill"}
-FINAL_ONLY = {"quantize"}  # its output is an ONNX Runtime model: no PyTorch step can follow
-FINETUNED = {"prune", "structured_prune", "share"}  # fine-tuned after the step, from the teacher if the recipe has one
-
-
-@dataclass(frozen=True)
-class Step:
-    method: str
-    settings: dict[str, Any]
-
-    def describe(self) -> str:
-        return self.method + "".join(f" {k}={v}" for k, v in self.settings.items() if k not in ("model", "train"))
 
 
 @dataclass(frozen=True)
@@ -82,37 +72,6 @@ class CompressParams:
         _require(self.calibration_samples >= 1, f"calibration_samples: must be at least 1, got {self.calibration_samples}")
 
 
-def parse_step(raw: Any, where: str) -> Step:
-    if not isinstance(raw, dict) or "method" not in raw:
-        raise ParamsError(f"{where}: a step is a mapping with a 'method', got {raw!r}")
-    method = raw["method"]
-    if method not in METHODS:
-        raise ParamsError(f"{where}.method: unknown method {method!r}; use one of {sorted(METHODS)}")
-    unknown = set(raw) - set(METHODS[method]) - {"method"}
-    if unknown:
-        raise ParamsError(f"{where}: {sorted(unknown)} not a setting of {method} (settings: {sorted(METHODS[method])})")
-    settings = {**METHODS[method], **{k: v for k, v in raw.items() if k != "method"}}
-    missing = [k for k, v in settings.items() if v is None]
-    if missing:
-        raise ParamsError(f"{where}: {method} needs {missing}")
-    check = {
-        "prune": lambda s: (isinstance(s["sparsity"], (int, float)) and 0 <= s["sparsity"] < 1, "sparsity: must be in [0, 1)")
-        if s["scope"] in ("global", "layer") else (False, "scope: must be 'global' or 'layer'"),
-        "structured_prune": lambda s: (isinstance(s["ratio"], (int, float)) and 0 <= s["ratio"] < 1, "ratio: must be in [0, 1)"),
-        "share": lambda s: (isinstance(s["bits"], int) and not isinstance(s["bits"], bool) and 1 <= s["bits"] <= 8,
-                            "bits: must be an integer from 1 to 8"),
-        "quantize": lambda s: (s["mode"] in QUANTIZATION_MODES, f"mode: must be one of {list(QUANTIZATION_MODES)}"),
-        "distill": lambda s: (isinstance(s["model"], dict) and "arch" in s["model"], "model: an architecture spec with 'arch'"),
-    }[method]
-    ok, message = check(settings)
-    if not ok:
-        field_name = message.split(":")[0]
-        raise ParamsError(f"{where}.{message}, got {settings.get(field_name)!r}")
-    if method == "prune" and (not isinstance(settings["rounds"], int) or settings["rounds"] < 1):
-        raise ParamsError(f"{where}.rounds: must be an integer >= 1, got {settings['rounds']!r}")
-    return Step(method, settings)
-
-
 def parse_recipe(name: str, raw: Any, where: str = "compress.recipes") -> Recipe:
     """A recipe checked end to end: every problem is reported before anything trains."""
     where = f"{where}.{name}"
@@ -131,9 +90,9 @@ def parse_recipe(name: str, raw: Any, where: str = "compress.recipes") -> Recipe
         raise ParamsError(f"{where}.steps: a non-empty list of steps, got {raw_steps!r}")
     steps = [parse_step(s, f"{where}.steps[{i}]") for i, s in enumerate(raw_steps)]
     for i, step in enumerate(steps):
-        if step.method in NEEDS_TEACHER and not teacher:
+        if METHODS[step.method].needs_teacher and not teacher:
             raise ParamsError(f"{where}.steps[{i}]: {step.method} needs a teacher; set {where}.teacher: teacher")
-        if step.method in FINAL_ONLY and i != len(steps) - 1:
+        if METHODS[step.method].write_onnx is not None and i != len(steps) - 1:
             raise ParamsError(f"{where}.steps[{i}]: {step.method} must be the last step "
                               f"(its ONNX Runtime model cannot be fine-tuned further)")
     return Recipe(name, source, teacher, steps)
@@ -200,8 +159,9 @@ def compress(
             shutil.copy2(link.file, out_dir / Path(link.file).name)
             chain.append(dataclasses.replace(link, file=str(out_dir / Path(link.file).name)))
             continue
+        method = METHODS[step.method]
         finetune = None
-        if step.method in FINETUNED:
+        if method.finetunes:
             finetune = make_finetune(prepared_dir, finetune_recipe(config, params.finetune),
                                      desc=f"{recipe.name}:{step.method}", teacher_path=teacher,
                                      distill=distill_params if teacher else None)
@@ -210,30 +170,19 @@ def compress(
                            compression={"recipe": recipe.name, "step": index, "method": step.method,
                                         "settings": step.settings, "parent_sha256": parent.sha256,
                                         "parent_file": Path(parent.file).name})
+        context = StepContext(step_config, schema["input_shape"], len(schema["classes"]), finetune=finetune,
+                              train=functools.partial(train_model, prepared_dir, role=step_config["role"],
+                                                      teacher_path=teacher, distill=distill_params))
+        if method.write_onnx is not None:  # int8 calibrates on the train split; qat and tuning select on validation
+            context.calibration = calibration_data(prepared_dir, schema["classes"], params.calibration_samples)
+            context.validation = load_split(prepared_dir, "validation", schema["classes"])
         start = time.perf_counter()
-        onnx_output = step.method == "quantize"
-        if step.method == "distill":
-            trained = train_model(prepared_dir, _distill_params(config, step), role=step_config["role"],
-                                  teacher_path=teacher, distill=distill_params)
-            model = trained.model
-            step_config.update(model=trained.config["model"], train=trained.config["train"])
-        elif step.method == "prune":
-            model = magnitude_prune(model, step.settings["sparsity"], scope=step.settings["scope"],
-                                    rounds=step.settings["rounds"], finetune=finetune)
-        elif step.method == "structured_prune":
-            model, spec = structured_prune(model, config["model"], schema["input_shape"], len(schema["classes"]),
-                                           step.settings["ratio"], finetune=finetune)
-            step_config["model"] = spec
-        elif step.method == "share":
-            model = share_weights(model, step.settings["bits"], finetune=finetune)
+        onnx_output = method.write_onnx is not None
+        model = method.run(model, step.options, context)
         path = out_dir / f"step{index}-{step.method}.{'onnx' if onnx_output else 'safetensors'}"
         step_config.update(parameters=count_parameters(model), nonzero_parameters=nonzero_parameters(model))
         if onnx_output:
-            fp32 = out_dir / f"step{index}-{step.method}.fp32.onnx"
-            export_onnx(model, fp32, step_config)
-            quantize_onnx(fp32, path, step.settings["mode"], step_config,
-                          calibration_data(prepared_dir, schema["classes"], params.calibration_samples))
-            fp32.unlink()
+            method.write_onnx(model, step.options, context, path)
         else:
             save_model(model, path, step_config)
         config = step_config
@@ -249,17 +198,18 @@ def compress(
     return chain
 
 
+def check_applies(recipe: Recipe, source_path: Path, where: str = "compress.recipes") -> None:
+    """Dry-run the recipe on its source model (no training): NotApplicable, naming the step and the reason,
+    when a method cannot apply to the architecture."""
+    model, config = load_model(source_path)
+    dry_run(recipe.steps, model, config, config["input_shape"], len(config["classes"]), f"{where}.{recipe.name}")
+
+
 def calibration_data(prepared_dir: Path, classes: list, samples: int) -> np.ndarray:
     """A seeded subset of the TRAIN split for static int8: the validation split stays unseen, for the search's selection."""
     train = load_split(prepared_dir, "train", classes).X.numpy()
     chosen = np.random.default_rng(CALIBRATION_SEED).choice(len(train), size=min(samples, len(train)), replace=False)
     return train[np.sort(chosen)]
-
-
-def _distill_params(config: dict[str, Any], step: Step) -> ModelParams:
-    """The distill step's architecture, trained with the parent's recipe and the step's overrides."""
-    train = {**config["train"], **step.settings["train"]}
-    return ModelParams(model=step.settings["model"], train=from_dict(TrainParams, train, "distill step train"))
 
 
 def write_lineage(out_dir: Path, recipe: Recipe, chain: list[Link], teacher_path: Path | None) -> None:
@@ -291,6 +241,7 @@ def run(argv: list[str] | None = None) -> None:
     recipe = load_recipes(params)[args.recipe]  # every recipe checked: a typo elsewhere fails every branch early
     distill_params = load_section("distill", DistillParams, args.params)
     finetune_recipe(read_config(args.source), params.finetune)  # bad overrides fail before any work
+    check_applies(recipe, args.source)
     # Build in a scratch directory and swap it in whole: a failed run leaves no half-written candidate.
     scratch = args.out_dir.with_name(args.out_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)

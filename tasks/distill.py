@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tasks.io import run_main
 from tasks.params import DistillParams, ModelParams, load_section
-from tasks.training import EpochCallback, Trained, finish, stage_arguments, train_model
+from tasks.training import EpochCallback, Trained, run_training_stage, stage_arguments, train_model
 from tasks.validate import require_validated
 
 
@@ -26,7 +26,8 @@ def run(argv: list[str] | None = None) -> None:
     require_validated(args.validation_result)
     student = load_section("student", ModelParams, args.params)
     params = load_section("distill", DistillParams, args.params)
-    finish(distill(args.prepared_dir, args.teacher, student, params, args.checkpoint), args)
+    run_training_stage("tasks.distill", argv, args, student.train,
+                       lambda: distill(args.prepared_dir, args.teacher, student, params, args.checkpoint))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ warm-up calls. Speed-ups are against the teacher on its fastest runtime, per run
 against the teacher on the same one, and against a recipe's source on the same
 runtime; each interval is the [min, max] of the ratio over the rounds.
 
+Devices: PyTorch models run on `evaluate.device` (auto: CUDA when present, else the CPU),
+ONNX Runtime on the CPU; every runtime's figures name the device they were measured on.
+
 Sizes are of the artifact each runtime loads. A compact PyTorch file (bitmask or
 codebook encoding, tasks/encodings.py) is expanded to dense tensors to run; its
 `expanded_bytes` says how large.
@@ -46,7 +49,7 @@ from tasks.models import count_parameters, load_model
 from tasks.params import PARAMS_FILE, EvaluateParams, load_section
 from tasks.compression.quantization import OnnxClassifier, export_onnx, read_onnx_config
 from tasks.statistics import paired_comparison, wilson_interval
-from tasks.training import load_split, predict_logits
+from tasks.training import load_split, make_deterministic, predict_logits, resolve_device
 
 PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
 
@@ -59,10 +62,20 @@ class Runner:
     call: Callable[[Any], Any]
 
 
-def runner(model: nn.Module | OnnxClassifier) -> Runner:
+def runner(model: nn.Module | OnnxClassifier, device: torch.device | None = None) -> Runner:
+    """`device`: where a PyTorch model is (the CPU when None); ONNX Runtime runs on the CPU."""
     if isinstance(model, OnnxClassifier):
         return Runner(model.native_input, model.run_native)
-    return Runner(torch.Tensor.contiguous, model.eval())
+    if device is None or device.type == "cpu":
+        return Runner(torch.Tensor.contiguous, model.eval())
+    model.eval()
+
+    def call_and_wait(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        torch.cuda.synchronize(device)  # CUDA calls return before the GPU is done: time the work, not the launch
+        return out
+
+    return Runner(lambda x: x.contiguous().to(device), call_and_wait)
 
 
 def full_batch(X: torch.Tensor, size: int) -> torch.Tensor:
@@ -198,6 +211,11 @@ def recipe_candidate(directory: Path) -> Candidate:
     return Candidate(final, onnx_path, lineage["source"], model, config)
 
 
+def device_name(device: torch.device) -> str:
+    """`cpu`, or `cuda` with the GPU's name: what a latency was measured on."""
+    return "cpu" if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})"
+
+
 def pareto_front(models: dict[str, dict], cost: str) -> list[str]:
     """Models no other model beats on accuracy and `cost` at once (higher accuracy, lower cost)."""
     def dominated(a: dict) -> bool:
@@ -232,6 +250,9 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
     schema = read_json(prepared_dir / "schema.json")
     test = load_split(prepared_dir, "test", schema["classes"])
     truth = test.y.numpy()
+    device = resolve_device(params.device)
+    make_deterministic(device)
+    devices = {PYTORCH: device_name(device), ONNXRUNTIME: "cpu"}  # ONNX Runtime: its CPU execution provider
     results, predictions, runners, artifacts = {}, {}, {}, {}
     for name, candidate in candidates.items():
         config = candidate.config
@@ -241,12 +262,17 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
         torch_model = candidate.torch_model
         onnx_model = OnnxClassifier(candidate.onnx_path, params.threads)
         if torch_model is not None:
-            runners[name, PYTORCH] = runner(torch_model)
-            artifacts[name, PYTORCH] = {"artifact": str(candidate.path), **artifact_sizes(candidate.path, torch_model)}
+            torch_model.to(device)
+            runners[name, PYTORCH] = runner(torch_model, device)
+            artifacts[name, PYTORCH] = {"artifact": str(candidate.path), "device": devices[PYTORCH],
+                                        **artifact_sizes(candidate.path, torch_model)}
         runners[name, ONNXRUNTIME] = runner(onnx_model)
         artifacts[name, ONNXRUNTIME] = {"artifact": str(candidate.onnx_path) if candidate.onnx_is_artifact else None,
-                                        **artifact_sizes(candidate.onnx_path, None)}
-        predicted = predict_logits(torch_model or onnx_model, test.X).argmax(1).numpy()
+                                        "device": devices[ONNXRUNTIME], **artifact_sizes(candidate.onnx_path, None)}
+        if torch_model is not None:
+            predicted = predict_logits(torch_model, test.X, device=device).argmax(1).numpy()
+        else:
+            predicted = predict_logits(onnx_model, test.X).argmax(1).numpy()
         correct = int(np.sum(predicted == truth))
         low, high = wilson_interval(correct, len(truth))
         results[name] = {
@@ -268,7 +294,7 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
                                for model, runtime in runners if model == name}
         deployed = metrics["runtimes"][metrics["runtime"]]
         metrics.update({key: deployed[key] for key in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s",
-                                                       "expanded_bytes", "expanded_to_run")})
+                                                       "device", "expanded_bytes", "expanded_to_run")})
         metrics["file_bytes"] = deployed["artifact_bytes"]
     base = results[reference]
     fastest = min(base["runtimes"], key=lambda runtime: base["runtimes"][runtime]["latency_ms_p50"])
@@ -287,7 +313,8 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
             metrics["vs_" + reference] = paired_comparison(predictions[reference] == truth,
                                                            predictions[name] == truth)
     summary = {"reference": reference, "reference_runtime": fastest, "test_samples": len(truth),
-               "threads": params.threads, "throughput_batch": params.throughput_batch, "rounds": params.rounds,
+               "devices": devices, "threads": params.threads, "throughput_batch": params.throughput_batch,
+               "rounds": params.rounds,
                "speedup_interval_coverage": 1 - 2.0 ** (1 - params.rounds),
                "produced_from": provenance(prepared_dir, schema, candidates[reference].path),
                "models": results,

@@ -1,7 +1,8 @@
 """Model architectures, chosen by name in params, and their safe on-disk format.
 
 A model file is safetensors: weights (see tasks/encodings.py for the compact forms
-of pruned and shared weights) plus one metadata entry holding the full config
+of pruned and shared weights; a tied tensor, such as an output layer sharing the
+embedding's weight, once) plus one metadata entry holding the full config
 (architecture spec, input shape, classes, training recipe, lineage), so a file
 alone rebuilds its model and never needs unpickling.
 
@@ -28,7 +29,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from tasks.encodings import CODEBOOK, DEFLATED, INDICES, MASK, MAX_CODEBOOK_BITS, VALUES, decode_state, encode_state
+from tasks.compression.shapes import apply_structure
+from tasks.encodings import (
+    CODEBOOK,
+    DEFLATED,
+    INDICES,
+    MASK,
+    MAX_CODEBOOK_BITS,
+    VALUES,
+    decode_state,
+    encode_state,
+)
 from tasks.io import atomic_path
 from tasks.params import PARAMS_FILE, ParamsError
 
@@ -172,12 +183,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model: nn.Module, path: str | Path, config: dict[str, Any]) -> None:
-    """Write weights (compactly encoded where pruning or sharing allows) + config atomically.
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys naming a tensor that an earlier key already names -> that key: tied weights (an
+    output layer sharing the embedding's). The architecture's builder makes the tie, so a file stores
+    the tensor once and loading copies it into the one shared Parameter."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():  # the Parameters and buffers themselves
+        if (canonical := first.setdefault(id(tensor), key)) != key:
+            aliases[key] = canonical
+    return aliases
 
-    Equal weights and config give equal bytes.
+
+def save_model(model: nn.Module, path: str | Path, config: dict[str, Any]) -> None:
+    """Write weights (compactly encoded where pruning or sharing allows; a tied tensor once) + config
+    atomically. Equal weights and config give equal bytes.
     """
-    state = encode_state(model.state_dict())
+    aliases = tied_aliases(model)
+    state = encode_state({key: tensor for key, tensor in model.state_dict().items() if key not in aliases})
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(config, sort_keys=True)})
 
@@ -277,7 +300,7 @@ def load_model(path: str | Path,
     The file may only name an architecture in `architectures` (default: the built-ins and those
     configured in ./params.yaml); nothing is imported because a file names it. The architecture is
     built on the meta device first and the file's tensors checked against it, then the model is
-    built for real and loaded strictly.
+    built for real and loaded strictly. Tied weights are stored once; the builder makes the tie.
     """
     architectures = trusted_architectures() if architectures is None else architectures
     config = read_config(path)
@@ -287,13 +310,17 @@ def load_model(path: str | Path,
                              f"params.yaml; refusing to load it (trusted: {sorted(architectures)})")
     try:
         with torch.device("meta"):
-            expected = build_model(spec, input_shape, n_classes, architectures).state_dict()
+            # a pruned model's file records the blocks and widths it lost: the builder cannot express them
+            sized = apply_structure(build_model(spec, input_shape, n_classes, architectures), config)
+            aliases = tied_aliases(sized)
+            expected = {key: t for key, t in sized.state_dict().items() if key not in aliases}
     except Exception as e:  # the options come from the file: any failure of the builder is the file's
         raise ModelFileError(f"{path}: cannot build {spec} for input {input_shape} ({e})") from None
     check_tensors(path, spec["arch"], expected)
-    model = build_model(spec, input_shape, n_classes, architectures)
+    model = apply_structure(build_model(spec, input_shape, n_classes, architectures), config)
     try:
-        model.load_state_dict(decode_state(load_file(str(path)), {k: t.shape for k, t in expected.items()}))
+        state = decode_state(load_file(str(path)), {k: t.shape for k, t in expected.items()})
+        model.load_state_dict(state | {alias: state[key] for alias, key in aliases.items()})
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, SafetensorError, zlib.error) as e:
         raise ModelFileError(f"{path}: its tensors do not decode to architecture {spec['arch']!r} ({e})") from None
     return model.eval(), config

@@ -59,6 +59,45 @@ class DataParams:
                  f"near_duplicate_distance: must be >= 0, got {self.near_duplicate_distance}")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require_device(device: str) -> None:
+    """`device` is auto, cpu, or cuda on a machine that has CUDA (asked only then: importing torch is slow)."""
+    _require(device in DEVICES, f"device: must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        _require(torch.cuda.is_available(), f"device: 'cuda' requested, but torch {torch.__version__} sees no CUDA "
+                                            "device on this machine; use 'auto' (CUDA when present) or 'cpu'")
+
+
+@dataclass(frozen=True)
+class DistributedParams:
+    """Data-parallel training under torchrun (DDP: gloo on the CPU, NCCL on CUDA); 1 process = no DDP."""
+
+    nproc: int = 1  # processes per node; each takes an equal share of every batch
+    nnodes: int = 1
+    # host:port of the c10d rendezvous, the same on every node (so one params.yaml serves all of them);
+    # port 0 = a free port on this machine, single node only
+    rdzv_endpoint: str = "127.0.0.1:0"
+    rdzv_id: str = "shrinkflow"  # names the job at the rendezvous
+
+    def __post_init__(self) -> None:
+        _require(self.nproc >= 1, f"nproc: must be at least 1, got {self.nproc}")
+        _require(self.nnodes >= 1, f"nnodes: must be at least 1, got {self.nnodes}")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        _require(bool(host) and port.isdigit() and int(port) <= 65535,
+                 f"rdzv_endpoint: must be host:port, got {self.rdzv_endpoint!r}")
+        _require(self.nnodes == 1 or int(port) > 0,
+                 f"rdzv_endpoint: {self.nnodes} nodes must meet at a fixed port, got {self.rdzv_endpoint!r}")
+        _require(bool(self.rdzv_id), "rdzv_id: must not be empty")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
 @dataclass(frozen=True)
 class TrainParams:
     optimizer: str = "adam"  # sgd | adam
@@ -72,9 +111,15 @@ class TrainParams:
     schedule: str = "cosine"  # cosine | constant
     augment_shift: int = 0  # random translation in pixels, images only
     mixup: float = 0.0  # Beta(mixup, mixup) mixing of sample pairs (Zhang et al. 2018); 0 = off
-    threads: int = 2  # fixed so results are reproducible
+    threads: int = 2  # per process; fixed so results are reproducible
+    device: str = "auto"  # auto (CUDA when present, else the CPU) | cpu | cuda
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
     def __post_init__(self) -> None:
+        _require_device(self.device)
+        _require(self.batch_size % self.distributed.world_size == 0,
+                 f"distributed: batch_size {self.batch_size} must divide evenly among "
+                 f"{self.distributed.world_size} processes (nproc x nnodes)")
         _require(self.optimizer in ("sgd", "adam"), f"optimizer: must be sgd or adam, got {self.optimizer!r}")
         _require(self.schedule in ("cosine", "constant"),
                  f"schedule: must be cosine or constant, got {self.schedule!r}")
@@ -116,8 +161,10 @@ class EvaluateParams:
     throughput_batch: int = 256
     throughput_repeats: int = 5  # timed batches per model and round
     rounds: int = 7  # speed-up intervals: [min, max] of the per-round ratios, coverage 1 - 2**(1 - rounds)
+    device: str = "auto"  # where PyTorch models run: auto (CUDA when present) | cpu | cuda; ONNX Runtime: the CPU
 
     def __post_init__(self) -> None:
+        _require_device(self.device)
         for name in ("threads", "latency_repeats", "throughput_batch", "throughput_repeats", "rounds"):
             _require(getattr(self, name) >= 1, f"{name}: must be at least 1, got {getattr(self, name)}")
         _require(self.warmup >= 0, f"warmup: must be >= 0, got {self.warmup}")

@@ -30,12 +30,29 @@ from typing import Any
 
 import numpy as np
 
-from tasks.compress import BASE_MODELS, CompressParams, compress, parse_recipe, write_lineage
+from tasks.compress import (
+    BASE_MODELS,
+    CompressParams,
+    compress,
+    load_recipes,
+    parse_recipe,
+    write_lineage,
+)
+from tasks.compression.methods import NotApplicable, dry_run
+from tasks.compression.quantization import OnnxClassifier
 from tasks.evaluate import measure_speed
 from tasks.io import read_json, run_main, write_json
-from tasks.models import load_model
-from tasks.params import PARAMS_FILE, DistillParams, EvaluateParams, _require, load_section
-from tasks.compression.quantization import OnnxClassifier
+from tasks.models import build_model, load_model
+from tasks.params import (
+    PARAMS_FILE,
+    DataParams,
+    DistillParams,
+    EvaluateParams,
+    ParamsError,
+    _require,
+    from_dict,
+    load_section,
+)
 from tasks.statistics import drop_upper_bound
 from tasks.training import Split, load_split, predict_logits
 from tasks.validate import require_validated
@@ -90,6 +107,28 @@ def plan_trials(params: SearchParams) -> list[list[dict[str, Any]]]:
     return variants
 
 
+def applicable(trials: list[list[dict[str, Any]]], params: SearchParams, source_path: Path
+               ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The trials whose every step applies to the source model's architecture (a dry run, no training), and
+    the others, each with the reason: one template that cannot apply never stops the rest."""
+    model, config = load_model(source_path)
+    runnable, skipped, memo = [], [], {}
+    for index, steps in enumerate(trials):
+        recipe = parse_recipe(f"trial{index}", {"source": params.source, "teacher": params.teacher, "steps": steps},
+                              "search.space")
+        try:
+            dry_run(recipe.steps, model, config, config["input_shape"], len(config["classes"]),
+                    f"search.space.trial{index}", memo)
+            runnable.append(steps)
+        except NotApplicable as e:
+            print(f"skipped: {e}")
+            skipped.append({"steps": steps, "reason": str(e)})
+    if not runnable:
+        raise NotApplicable("search.space: no variant applies to the source model:\n"
+                            + "\n".join(f"  - {s['reason']}" for s in skipped))
+    return runnable, skipped
+
+
 def validation_metrics(final: Path, validation: Split) -> dict[str, Any]:
     """Which validation samples the model gets right, its file size and its batch-1 latency."""
     model = OnnxClassifier(final) if final.suffix == ".onnx" else load_model(final)[0]
@@ -110,7 +149,7 @@ def paired_drop(reference_correct: np.ndarray, correct: np.ndarray, alpha: float
 def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchParams,
            compress_params: CompressParams, distill_params: DistillParams) -> dict[str, Any]:
     """Run every planned trial; copy the winner's files and lineage to `out_dir`; return the record."""
-    trials = plan_trials(params)
+    trials, skipped = applicable(plan_trials(params), params, models_dir / f"{params.source}.safetensors")
     teacher_path = models_dir / "teacher.safetensors"
     validation = load_split(prepared_dir, "validation", read_json(prepared_dir / "schema.json")["classes"])
     reference = validation_metrics(teacher_path, validation)["correct"]
@@ -143,10 +182,55 @@ def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchPa
         shutil.copytree(Path(scratch) / f"trial{best['trial']}", out_dir)
     return {"objective": params.objective, "max_accuracy_drop": params.max_accuracy_drop, "alpha": params.alpha,
             "validation_samples": len(reference), "teacher_val_accuracy": float(reference.mean()), "trials": records,
+            "skipped": skipped,
             "best": best["trial"], "found": bool(passing),
             "selected": {"trial": best["trial"], "validation_drop_points": best["accuracy_drop_points"],
                          "validation_drop_upper_bound_points": best["drop_upper_bound_points"]},
             "seconds": time.perf_counter() - started}
+
+
+def check_recipes(params: dict[str, Any]) -> list[str]:
+    """Each recipe of compress.recipes and each variant of search.space, dry-run (no training, a batch of two
+    zeros) on the architecture it starts from as params.yaml configures it: one problem per step that
+    cannot apply, naming the recipe, the step and the reason. Sections that do not parse are skipped: their
+    parsers report them. Imports users' architectures, as the stages do."""
+    try:
+        data = from_dict(DataParams, params["data"], "data")
+    except (ParamsError, KeyError, TypeError):
+        return []
+    chains = []
+    try:
+        chains += [(f"compress.recipes.{name}", recipe.source, recipe.steps)
+                   for name, recipe in load_recipes(from_dict(CompressParams, params.get("compress"), "compress")).items()]
+    except ParamsError:
+        pass
+    try:
+        search_params = from_dict(SearchParams, params.get("search"), "search")
+        chains += [(f"search.space.trial{i}", search_params.source,
+                    parse_recipe(f"trial{i}", {"source": search_params.source, "teacher": search_params.teacher,
+                                               "steps": steps}, "search.space").steps)
+                   for i, steps in enumerate(v for template in search_params.space for v in expand(template))]
+    except ParamsError:
+        pass
+    sections = {"teacher": "teacher", "student": "student", "distilled": "student"}
+    problems, models, memos = [], {}, {}
+    for where, source, steps in chains:
+        section = params.get(sections[source]) or {}
+        if source not in models:
+            try:
+                models[source] = build_model(section["model"], data.input_shape, len(data.classes))
+            except Exception:  # noqa: BLE001 -- one that does not build is reported by the architecture checks
+                models[source] = None
+        if models[source] is None:
+            continue
+        config = {"model": section["model"], "train": section.get("train", {}), "input_shape": data.input_shape,
+                  "classes": data.classes}
+        try:
+            dry_run(steps, models[source], config, data.input_shape, len(data.classes), where,
+                    memos.setdefault(source, {}))
+        except NotApplicable as e:
+            problems.append(str(e))
+    return problems
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tasks.io import run_main
 from tasks.params import ModelParams, load_section
-from tasks.training import EpochCallback, Trained, finish, stage_arguments, train_model
+from tasks.training import EpochCallback, Trained, run_training_stage, stage_arguments, train_model
 from tasks.validate import require_validated
 
 
@@ -23,7 +23,9 @@ def run(argv: list[str] | None = None) -> None:
     """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     args = stage_arguments(argv, with_teacher=False, description=__doc__)
     require_validated(args.validation_result)
-    finish(train_student(args.prepared_dir, load_section("student", ModelParams, args.params), args.checkpoint), args)
+    params = load_section("student", ModelParams, args.params)
+    run_training_stage("tasks.train_student", argv, args, params.train,
+                       lambda: train_student(args.prepared_dir, params, args.checkpoint))
 
 
 if __name__ == "__main__":

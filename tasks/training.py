@@ -2,8 +2,18 @@
 
 One recipe (optimizer, schedule, batch size, augmentation, epochs, seed) trains all
 three, so the scratch student is a fair baseline for distillation. Training is
-deterministic: same params and data give byte-identical weights. A checkpoint is
+deterministic: same params, data and device give byte-identical weights. A checkpoint is
 written after every epoch and a rerun with the same fingerprint resumes from it.
+
+Devices: `train.device` (auto: CUDA when present, else the CPU). The model and each batch
+move to the device; the data and the random generators that shuffle and augment stay on the
+CPU, so the order of samples is the same on every device.
+
+Data parallel: under torchrun (`train.distributed`, see `run_training_stage`) every process
+computes the same batches from the same seeded generators and takes its rank's share of each
+(rank r: samples r, r + N, ...), so the N processes together take exactly the configured
+batch; DDP averages their gradients, each weighted by its share, to the full batch's gradient.
+Rank 0 writes checkpoints and outputs; a resumed checkpoint is read by rank 0 and sent to all.
 """
 
 from __future__ import annotations
@@ -13,20 +23,28 @@ import csv
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tasks.io import atomic_path, file_sha256, read_json, read_split, write_json
 from tasks.models import build_model, count_parameters, load_model, save_model
-from tasks.params import PARAMS_FILE, DistillParams, ModelParams, TrainParams, as_dict
+from tasks.params import (PARAMS_FILE, DistillParams, DistributedParams, ModelParams, ParamsError, TrainParams,
+                           as_dict)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -42,6 +60,51 @@ class Trained:
     model: nn.Module
     config: dict[str, Any]
     history: list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in data-parallel training: `rank` of `world_size` (1: a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+def current_replica() -> Replica:
+    if dist.is_available() and dist.is_initialized():
+        return Replica(dist.get_rank(), dist.get_world_size())
+    return Replica()
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when present, else the CPU. Under torchrun each process takes the GPU of its LOCAL_RANK.
+
+    `cuda` without CUDA is refused when the params are read (tasks/params.py); checked again
+    here because a params object may have been built on another machine.
+    """
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ParamsError(f"device: 'cuda' requested, but torch {torch.__version__} sees no CUDA device")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def make_deterministic(device: torch.device) -> None:
+    """Torch's deterministic algorithms; on CUDA also cuDNN's and a fixed cuBLAS workspace."""
+    if device.type == "cuda":
+        # Read when cuBLAS starts; without it deterministic mode refuses cuBLAS matmuls.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def device_record(device: torch.device, replica: Replica) -> dict[str, Any]:
+    """What trained a model, for its config: the device, torch, and how many processes shared the batches."""
+    record = {"device": device.type, "torch": torch.__version__, "processes": replica.world_size}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def load_split(prepared_dir: Path, split: str, classes: list[int]) -> Split:
@@ -84,11 +147,13 @@ def make_optimizer(model: nn.Module, recipe: TrainParams) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
-Mix = tuple[float, torch.Tensor] | None  # (weight of the sample, index of its partner) or no mixup
+# (weight of the sample, index of its partner within the batch) or no mixup; the losses take
+# the partners' labels instead of their indices: (weight, partner labels)
+Mix = tuple[float, torch.Tensor] | None
 
 
 def mixup_pairs(n: int, concentration: float, generator: torch.Generator) -> Mix:
-    """Draw a mixing weight from Beta(c, c) and a partner for every sample; None when mixup is off."""
+    """Draw a mixing weight from Beta(c, c) and a partner index for every sample; None when mixup is off."""
     if concentration == 0:
         return None
     weight = torch.distributions.Beta(concentration, concentration).sample()  # global RNG: checkpointed
@@ -98,8 +163,8 @@ def mixup_pairs(n: int, concentration: float, generator: torch.Generator) -> Mix
 def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, mix: Mix = None) -> torch.Tensor:
     if mix is None:
         return F.cross_entropy(logits, labels)
-    weight, partner = mix
-    return weight * F.cross_entropy(logits, labels) + (1 - weight) * F.cross_entropy(logits, labels[partner])
+    weight, partner_labels = mix
+    return weight * F.cross_entropy(logits, labels) + (1 - weight) * F.cross_entropy(logits, partner_labels)
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -112,17 +177,36 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Logits on the CPU; batches go to `device` (where the model is) when given."""
     model.eval()
-    return torch.cat([model(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
+    if device is None:
+        return torch.cat([model(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
+    return torch.cat([model(X[i : i + batch_size].to(device)).cpu() for i in range(0, len(X), batch_size)])
 
 
 def load_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
-    """The last epoch's state if it belongs to this exact run (same params, data, teacher)."""
+    """The last epoch's state if it belongs to this exact run (same params, data, teacher, device)."""
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fingerprint else None
+
+
+def shared_checkpoint(path: Path | None, fingerprint: str, replica: Replica) -> dict[str, Any] | None:
+    """Rank 0 reads the checkpoint and sends it to every process, so all resume alike (other nodes need no copy)."""
+    state = load_checkpoint(path, fingerprint) if replica.rank == 0 else None
+    if replica.world_size > 1:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def replica_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of rank `rank`'s dropout at `step`: each process draws its own masks, reproducibly."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little")
 
 
 def fit(
@@ -138,33 +222,50 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     desc: str = "train",
 ) -> list[dict[str, float]]:
-    """Train `model` in place; returns per-epoch curves. Resumes from `checkpoint` if it matches."""
+    """Train `model` in place on `recipe.device` (it ends on the CPU); returns per-epoch curves.
+
+    Resumes from `checkpoint` if it matches. Under torchrun every process calls this; rank 0 writes
+    the checkpoint.
+    """
     torch.set_num_threads(recipe.threads)
-    torch.use_deterministic_algorithms(True)
+    device = resolve_device(recipe.device)
+    make_deterministic(device)
+    replica = current_replica()
+    model.to(device)
     batch_size = min(recipe.batch_size, len(train.X))
     steps_per_epoch = math.ceil(len(train.X) / batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     optimizer = make_optimizer(model, recipe)
-    data_rng = torch.Generator().manual_seed(recipe.seed)
+    data_rng = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same order on every device
     history: list[dict[str, float]] = []
     start_epoch = 0
-    resumed = load_checkpoint(checkpoint, fingerprint)
+    resumed = shared_checkpoint(checkpoint, fingerprint, replica)
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         torch.set_rng_state(resumed["torch_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         data_rng.set_state(resumed["data_rng"])
         history, start_epoch = resumed["history"], resumed["epoch"]
         tqdm.write(f"{desc}: resuming from checkpoint {checkpoint} after epoch {start_epoch}")
     if teacher is not None:
-        teacher.eval()
+        teacher.to(device).eval()
+    # DDP all-reduces (averages) the gradients of the processes in backward()
+    forward = model if replica.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    shard = slice(replica.rank, None, replica.world_size)  # this process's share of every batch
 
-    bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, unit="epoch", initial=start_epoch, total=recipe.epochs)
+    bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, unit="epoch", initial=start_epoch, total=recipe.epochs,
+               disable=replica.rank != 0)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(train.X), generator=data_rng)
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            # Every process draws the whole batch's augmentation and mixup, so the generators stay
+            # in step and the batch is the one a single process would train on.
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = train.X[idx]
             if x.dim() == 4:
@@ -174,9 +275,15 @@ def fit(
             if mix is not None:
                 weight, partner = mix
                 x = weight * x + (1 - weight) * x[partner]
+                mix = (weight, y[partner][shard].to(device))
+            x, y = x[shard].to(device), y[shard].to(device)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + i, total_steps)
-            logits = model(x)
+                group["lr"] = learning_rate(recipe, step, total_steps)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                       enabled=replica.world_size > 1):
+                if replica.world_size > 1:
+                    torch.manual_seed(replica_seed(recipe.seed, replica.rank, step))
+                logits = forward(x)
             if teacher is not None and distill is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)  # the teacher sees the same augmented batch
@@ -184,11 +291,20 @@ def fit(
             else:
                 loss = hard_label_loss(logits, y, mix)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if replica.world_size > 1:
+                # DDP averages over processes; weighting by the share makes that the mean over the batch,
+                # also for a last batch that does not divide evenly
+                (loss * (replica.world_size * len(y) / len(idx))).backward()
+            else:
+                loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
-        val_logits = predict_logits(model, val.X)
+        if replica.world_size > 1:
+            totals = torch.tensor([loss_sum, correct], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            loss_sum, correct = float(totals[0]), int(totals[1])
+        val_logits = predict_logits(model, val.X, device=device)
         row = {
             "epoch": epoch + 1,
             "lr": learning_rate(recipe, (epoch + 1) * steps_per_epoch, total_steps),
@@ -199,13 +315,19 @@ def fit(
         }
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
-        if checkpoint is not None:
+        if checkpoint is not None and replica.rank == 0:
+            state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "data_rng": data_rng.get_state(), "history": history}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
             with atomic_path(checkpoint) as tmp:
-                torch.save({"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                            "data_rng": data_rng.get_state(), "history": history}, tmp)
+                torch.save(state, tmp)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
+    model.to("cpu")
+    if teacher is not None:
+        teacher.to("cpu")
     return history
 
 
@@ -239,6 +361,8 @@ def train_model(
         "input_shape": schema["input_shape"],
         "classes": classes,
         "lineage": lineage,
+        # part of the fingerprint too: a checkpoint resumes only on the device and process count that wrote it
+        "trained_on": device_record(resolve_device(params.train.device), current_replica()),
     }
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     torch.manual_seed(params.train.seed)
@@ -297,3 +421,70 @@ def finish(trained: Trained, args: argparse.Namespace) -> None:
     final = trained.history[-1]
     print(f"{trained.config['role']}: {trained.config['parameters']:,} parameters, "
           f"val accuracy {final['val_accuracy']:.4f} -> {args.model_out}")
+
+
+def in_torchrun_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun for every process it starts
+
+
+def torchrun_command(module: str, argv: list[str], distributed: DistributedParams) -> list[str]:
+    """`python -m <module> <argv>` under torchrun, which starts `nproc` copies on this node.
+
+    The c10d rendezvous assigns node ranks itself, so every node runs the same command.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={distributed.nproc}",
+            f"--nnodes={distributed.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={distributed.rdzv_endpoint}",
+            f"--rdzv-id={distributed.rdzv_id}", "-m", module, *argv]
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[Replica]:
+    """In a torchrun worker: this process joins the group (NCCL on CUDA, gloo on the CPU) while it trains."""
+    if not in_torchrun_worker():
+        yield Replica()
+        return
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise ParamsError(f"distributed.nproc: process {device.index} of this node has no GPU of its own "
+                              f"(this node has {torch.cuda.device_count()})")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield current_replica()
+    finally:
+        dist.destroy_process_group()
+
+
+def wait_for_launcher(launcher: subprocess.Popen) -> int:
+    """Its exit code. Stopping this process (SIGTERM, Ctrl-C) stops torchrun, which stops its workers:
+    they run in sessions of their own and would otherwise train on."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        return launcher.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if launcher.poll() is None:
+            launcher.terminate()
+            launcher.wait()
+
+
+def run_training_stage(module: str, argv: list[str] | None, args: argparse.Namespace, recipe: TrainParams,
+                       train: Callable[[], Trained]) -> None:
+    """A training stage after its checks: `train()`, then rank 0 writes the outputs.
+
+    When `recipe.distributed` asks for more than one process, the stage re-runs itself with the same
+    arguments under torchrun and waits: the stage command in dvc.yaml stays the same.
+    """
+    if recipe.distributed.world_size > 1 and not in_torchrun_worker():
+        command = torchrun_command(module, sys.argv[1:] if argv is None else argv, recipe.distributed)
+        # torchrun would otherwise set 1 thread per process, and say so
+        env = dict(os.environ, OMP_NUM_THREADS=str(recipe.threads))
+        returncode = wait_for_launcher(subprocess.Popen(command, env=env))
+        if returncode != 0:
+            raise SystemExit(returncode)
+        return
+    with process_group(recipe.device) as replica:
+        trained = train()
+        if replica.rank == 0:
+            finish(trained, args)

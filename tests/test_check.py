@@ -79,6 +79,44 @@ def test_every_configured_architecture_builds_a_module(repo_copy):
     ]
 
 
+FIXED_WIDTH_ARCH = '''
+import math
+
+import torch
+from torch import nn
+
+
+class FixedWidth(nn.Module):  # forward hard-codes the hidden width: structured pruning cannot shrink it
+    def __init__(self, input_shape, n_classes):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(math.prod(input_shape), 16), nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x.flatten(1))).reshape(-1, 16))
+
+
+def build(input_shape, n_classes):
+    return FixedWidth(input_shape, n_classes)
+'''
+
+
+def test_a_recipe_that_cannot_apply_to_its_architecture_is_reported_before_anything_trains(repo_copy):
+    (repo_copy / "architectures" / "fixed.py").write_text(FIXED_WIDTH_ARCH)
+    params = tiny_params()
+    params["teacher"]["model"] = {"arch": "architectures.fixed:build"}
+    params["compress"]["recipes"]["slim"] = {"source": "teacher", "steps": [{"method": "structured_prune",
+                                                                             "ratio": 0.5}]}
+    params["compress"]["recipes"]["shallow"] = {"source": "distilled", "steps": [{"method": "layer_prune"}]}
+    write_params(repo_copy, params)
+    problems = check_workspace(repo_copy)
+    assert len(problems) == 2, problems
+    slim, shallow = sorted(problems, reverse=True)
+    assert slim.startswith("params.yaml:compress.recipes.slim.steps[0]: structured_prune ratio=0.5 cannot apply "
+                           "to architecture 'architectures.fixed:build'"), slim
+    assert shallow.startswith("params.yaml:compress.recipes.shallow.steps[0]: layer_prune"), shallow
+    assert not (repo_copy / "models").exists() or not any((repo_copy / "models").iterdir())
+
+
 def test_leftover_partial_candidate_and_undeclared_architecture_are_reported(repo_copy):
     (repo_copy / "models" / "candidates" / "pruned.partial").mkdir(parents=True)
     (repo_copy / "mine.py").write_text(USER_ARCH)  # outside architectures/: no stage declares it

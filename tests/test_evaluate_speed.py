@@ -229,6 +229,15 @@ def test_sizes_are_those_of_the_artifact_each_runtime_loads(pruned_evaluation, t
     assert not teacher["expanded_to_run"] and teacher["runtimes"]["onnxruntime"]["artifact"] is None
 
 
+def test_every_latency_names_the_device_it_was_measured_on(pruned_evaluation):
+    summary, _ = pruned_evaluation
+    here = "cpu" if not torch.cuda.is_available() else f"cuda ({torch.cuda.get_device_name(0)})"
+    assert summary["devices"] == {"pytorch": here, "onnxruntime": "cpu"}  # evaluate.device: auto
+    for metrics in summary["models"].values():
+        assert {runtime: m["device"] for runtime, m in metrics["runtimes"].items()} == summary["devices"]
+        assert metrics["device"] == summary["devices"][metrics["runtime"]]
+
+
 def test_the_report_names_the_teacher_and_data_it_was_computed_from(pruned_evaluation, teacher_path, digits_dir):
     summary, _ = pruned_evaluation
     produced = summary["produced_from"]

@@ -13,9 +13,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tasks.models import CONFIG_KEY, ModelFileError, build_model, configured_architectures, load_model, save_model
-from tasks.params import ParamsError
 from tasks.compression.pruning import magnitude_prune
+from tasks.models import (
+    CONFIG_KEY,
+    ModelFileError,
+    build_model,
+    configured_architectures,
+    load_model,
+    save_model,
+)
+from tasks.params import ParamsError
 
 CONFIG = {"model": {"arch": "mlp", "hidden": [16]}, "input_shape": [1, 8, 8], "classes": list(range(10))}
 STATE = build_model(CONFIG["model"], CONFIG["input_shape"], 10).state_dict()
@@ -126,6 +133,17 @@ def test_config_fields_are_checked(tmp_path, metadata, expected):
 def test_tensors_must_match_the_architecture(tmp_path, config, state, expected):
     with pytest.raises(ModelFileError, match=expected):
         load_model(crafted(tmp_path / "crafted.safetensors", config, state))
+
+
+def test_a_file_cannot_untie_tied_weights(tmp_path):
+    """The architecture ties its head to the embedding; the file stores that tensor once. A file that brings
+    its own copy for the tied name (which loading would silently make win or lose) is refused."""
+    spec = {"arch": "tests.user_architectures:transformer"}
+    state = {key: tensor.clone() for key, tensor in build_model(spec, [1, 8, 8], 10).state_dict().items()}
+    state["head.weight"] = torch.randn_like(state["head.weight"])
+    path = crafted(tmp_path / "untied.safetensors", dict(CONFIG, model=spec), state)
+    with pytest.raises(ModelFileError, match="tensor 'head.weight' is not part of architecture"):
+        load_model(path, configured_architectures({"teacher": {"model": spec}}))
 
 
 def test_huge_width_is_refused_before_allocating(tmp_path):

@@ -13,10 +13,11 @@ from torch import nn
 from tasks.distill import distill
 from tasks.io import file_sha256
 from tasks.models import build_model, configured_architectures, load_model, read_config, save_model
-from tasks.params import DistillParams, ParamsError, TrainParams
+from tasks.params import DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.train_student import train_student
 from tasks.train_teacher import train_teacher
-from tasks.training import distillation_loss, load_split, predict_logits, shift_images
+from tasks.training import (distillation_loss, hard_label_loss, load_split, predict_logits, resolve_device,
+                            shift_images)
 from tests.conftest import distill_params, model_params
 
 
@@ -151,3 +152,39 @@ def test_bad_recipe_is_rejected_by_field():
         TrainParams(optimizer="rmsprop")
     with pytest.raises(ParamsError, match="batch_size: must be at least 1"):
         TrainParams(batch_size=0)
+
+
+HERE = "cuda" if torch.cuda.is_available() else "cpu"  # what `auto` picks on this machine
+
+
+def test_auto_device_is_cuda_when_present_else_the_cpu_and_the_model_records_it(digits_dir, teacher_path):
+    assert resolve_device("auto").type == HERE and resolve_device("cpu").type == "cpu"
+    _, config = load_model(teacher_path)
+    assert config["train"]["device"] == "auto"
+    assert config["trained_on"] == {"device": HERE, "torch": torch.__version__, "processes": 1,
+                                    **({"gpu": torch.cuda.get_device_name(0)} if HERE == "cuda" else {})}
+    on_cpu = train_student(digits_dir, model_params("student", epochs=1, device="cpu"))
+    assert on_cpu.config["trained_on"]["device"] == "cpu"
+    assert all(p.device.type == "cpu" for p in on_cpu.model.parameters())  # back on the CPU, ready to save
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused_naming_the_field():
+    section = {"model": {"arch": "mlp"}, "train": {"device": "cuda"}}
+    with pytest.raises(ParamsError, match=r"^teacher.train.device: 'cuda' requested, but .* no CUDA device"):
+        from_dict(ModelParams, section, "teacher")
+    with pytest.raises(ParamsError, match=r"^evaluate.device: 'cuda' requested"):
+        from_dict(EvaluateParams, {"device": "cuda"}, "evaluate")
+    with pytest.raises(ParamsError, match=r"^device: 'cuda' requested"):
+        resolve_device("cuda")  # a recipe built elsewhere is checked again where it runs
+
+
+def test_unknown_device_is_refused_naming_the_field():
+    with pytest.raises(ParamsError, match=r"^student.train.device: must be auto, cpu or cuda, got 'tpu'"):
+        from_dict(ModelParams, {"model": {"arch": "mlp"}, "train": {"device": "tpu"}}, "student")
+
+
+def test_mixup_loss_weights_the_labels_of_sample_and_partner():
+    logits, labels, partner_labels = torch.randn(8, 10), torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,))
+    mixed = hard_label_loss(logits, labels, (0.3, partner_labels))
+    assert torch.allclose(mixed, 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, partner_labels))

@@ -1,44 +1,113 @@
-"""Pruning: unstructured magnitude pruning and structured (neuron/channel) pruning.
+"""Pruning: unstructured magnitude pruning (structured pruning is tasks/compression/structured.py).
 
-Unstructured pruning zeroes the smallest weights (globally or per layer) over an
-iterative prune/fine-tune schedule using torch.nn.utils.prune; the zeros are then
-stored as a bitmask plus survivors (tasks/encodings.py), so the file really shrinks.
+Unstructured pruning zeroes the smallest weights (globally or per layer) of every
+weight-bearing layer -- Linear, Conv1d/2d/3d, Embedding, Bilinear and the attention
+projections of nn.MultiheadAttention (`in_proj_weight` or `q/k/v_proj_weight`, and
+`out_proj`) -- over an iterative prune/fine-tune schedule. The zeros are then stored as
+a bitmask plus survivors (tasks/encodings.py), so the file really shrinks.
 
-Structured pruning removes whole hidden neurons and conv channels ranked by the L1
-norm of their weights and returns a genuinely smaller dense network of the same
-architecture (fewer parameters, FLOPs and latency). It knows the layouts of the
-architectures shrinkflow ships (`mlp`, `cnn`); other architectures are refused.
+The mask is a parametrization (torch.nn.utils.parametrize): the weight is recomputed as
+original × mask on every access, so modules that read another module's weight without
+calling it (MultiheadAttention reads `out_proj.weight`) see the pruned weight and
+fine-tuning builds a fresh graph each step. A tensor held by several modules (an output
+layer tied to the embedding) is ranked and masked once, and every holder reads it masked.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from itertools import pairwise
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize
 
-from tasks.models import build_model
 from tasks.params import ParamsError
 
 Finetune = Callable[[nn.Module], None]
+Owner = tuple[nn.Module, str]  # a module and the name of a weight it holds
+WEIGHT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")  # out_proj is a Linear
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+def _layer_weight_names(module: nn.Module) -> tuple[str, ...]:
+    if isinstance(module, nn.MultiheadAttention):
+        return ATTENTION_WEIGHTS
+    return ("weight",) if isinstance(module, WEIGHT_LAYERS) else ()
+
+
+def weight_owners(model: nn.Module) -> list[list[Owner]]:
+    """Every weight of a weight-bearing layer once, each with all the (module, name) that hold it:
+    a tied weight (an output layer sharing the embedding's) is one tensor with several owners."""
+    layer_weights = {id(weight) for module in model.modules() for name in _layer_weight_names(module)
+                     if isinstance(weight := getattr(module, name, None), nn.Parameter)}
+    owners: dict[int, list[Owner]] = {}
+    for module in model.modules():  # any module may hold a tied weight, not only a layer that computes with it
+        for name, parameter in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(parameter) in layer_weights:
+                owners.setdefault(id(parameter), []).append((module, name))
+    return list(owners.values())
+
+
+def prunable_weights(model: nn.Module) -> list[Owner]:
+    """One (module, name) per prunable weight tensor; tied weights appear once."""
+    return [holders[0] for holders in weight_owners(model)]
 
 
 def sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros among the prunable weights."""
+    """Fraction of exact zeros among the prunable weights (each tied tensor counted once)."""
     weights = [getattr(m, name) for m, name in prunable_weights(model)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+
+def parametrize_owners(owners: list[Owner], parametrization: nn.Module) -> None:
+    """Give every holder of one tensor the same parametrization (hence the same trainable state)."""
+    for module, name in owners:
+        parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+
+
+def remove_parametrizations(owners: list[Owner]) -> None:
+    """Bake the parametrized value into the original Parameter (same object: ties and requires_grad survive)."""
+    for module, name in owners:
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+class PruningMask(nn.Module):
+    """Parametrization: weight = original × keep, recomputed on every access."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keep", torch.ones_like(weight, dtype=torch.bool))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original * self.keep
 
 
 def sparsity_schedule(target: float, rounds: int) -> list[float]:
     """Cumulative sparsity after each round: the cubic schedule of Zhu & Gupta (2017), big cuts first."""
     return [target * (1 - (1 - r / rounds) ** 3) for r in range(1, rounds + 1)]
+
+
+def _smallest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Flat indices of the round(fraction × n) smallest scores."""
+    return scores.topk(round(fraction * scores.numel()), largest=False, sorted=False).indices
+
+
+def _update_masks(masks: list[PruningMask], originals: list[torch.Tensor], fraction: float, scope: str) -> None:
+    """Mask the smallest `fraction` of the weights, globally or per tensor. Already pruned weights score
+    below every survivor, so they stay pruned as the fraction grows."""
+    with torch.no_grad():
+        scores = [torch.where(m.keep, w.abs(), -1.0).flatten() for m, w in zip(masks, originals)]
+        if scope == "layer":
+            pruned_per_tensor = [_smallest(s, fraction) for s in scores]
+        else:
+            pruned = _smallest(torch.cat(scores), fraction)
+            offsets = torch.tensor([0] + [s.numel() for s in scores], device=pruned.device).cumsum(0)
+            pruned_per_tensor = [pruned[(pruned >= lo) & (pruned < hi)] - lo for lo, hi in pairwise(offsets)]
+        for mask, indices in zip(masks, pruned_per_tensor):
+            mask.keep.view(-1)[indices] = False
 
 
 def magnitude_prune(model: nn.Module, target: float, *, scope: str = "global", rounds: int = 1,
@@ -49,78 +118,18 @@ def magnitude_prune(model: nn.Module, target: float, *, scope: str = "global", r
     if scope not in ("global", "layer"):
         raise ParamsError(f"prune.scope: must be 'global' or 'layer', got {scope!r}")
     model = copy.deepcopy(model)
-    parameters = prunable_weights(model)
-    done = 0.0
+    groups = weight_owners(model)
+    if not groups:
+        raise ParamsError(f"prune: {type(model).__name__} has no prunable weights "
+                          f"(Linear, Conv, Embedding, Bilinear or MultiheadAttention layers)")
+    originals = [getattr(*holders[0]) for holders in groups]
+    masks = [PruningMask(weight) for weight in originals]
+    for holders, mask in zip(groups, masks):
+        parametrize_owners(holders, mask)
     for cumulative in sparsity_schedule(target, rounds):
-        amount = 1 - (1 - cumulative) / (1 - done)  # torch prunes a fraction of what is still unpruned
-        if scope == "global":
-            prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=amount)
-        else:
-            for module, name in parameters:
-                prune.l1_unstructured(module, name, amount=amount)
-        done = cumulative
+        _update_masks(masks, originals, cumulative, scope)
         if finetune is not None:
-            finetune(model)  # pruned weights stay zero: the mask multiplies them in every forward pass
-    for module, name in parameters:
-        if prune.is_pruned(module):
-            prune.remove(module, name)
+            finetune(model)  # pruned weights stay zero: every access to a weight multiplies it by its mask
+    for holders in groups:
+        remove_parametrizations(holders)
     return model.eval()
-
-
-def _keep(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (in original order) of the most important units; at least one survives."""
-    n_keep = max(1, round(len(importance) * (1 - ratio)))
-    return importance.topk(n_keep).indices.sort().values
-
-
-def structured_prune(model: nn.Module, spec: dict[str, Any], input_shape: list[int], n_classes: int,
-                     ratio: float, finetune: Finetune | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Remove a fraction `ratio` of the hidden neurons/channels; returns the smaller model and its spec."""
-    if not 0 <= ratio < 1:
-        raise ParamsError(f"structured_prune.ratio: must be in [0, 1), got {ratio}")
-    if spec.get("arch") not in ("mlp", "cnn"):
-        raise ParamsError(f"structured_prune: supports the built-in 'mlp' and 'cnn' architectures, "
-                          f"not {spec.get('arch')!r}")
-    layers = list(model)
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
-    norms = [m for m in layers if isinstance(m, nn.BatchNorm2d)]
-    # Units kept in each hidden layer: conv output channels, then hidden linear neurons (never the classes).
-    kept_channels = [_keep(c.weight.abs().sum(dim=(1, 2, 3)), ratio) for c in convs]
-    kept_neurons = [_keep(lin.weight.abs().sum(dim=1), ratio) for lin in linears[:-1]]
-
-    new_spec = dict(spec)
-    if spec["arch"] == "cnn":
-        new_spec["channels"] = [len(k) for k in kept_channels]
-        new_spec["hidden"] = len(kept_neurons[0])
-    else:
-        new_spec["hidden"] = [len(k) for k in kept_neurons]
-    small = build_model(new_spec, input_shape, n_classes)
-    small_convs = [m for m in small if isinstance(m, nn.Conv2d)]
-    small_norms = [m for m in small if isinstance(m, nn.BatchNorm2d)]
-    small_linears = [m for m in small if isinstance(m, nn.Linear)]
-
-    with torch.no_grad():
-        previous = torch.arange(convs[0].in_channels) if convs else None
-        for conv, small_conv, keep in zip(convs, small_convs, kept_channels):
-            small_conv.weight.copy_(conv.weight[keep][:, previous])
-            if conv.bias is not None:
-                small_conv.bias.copy_(conv.bias[keep])
-            previous = keep
-        for norm, small_norm, keep in zip(norms, small_norms, kept_channels):
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(small_norm, name).copy_(getattr(norm, name)[keep])
-        if convs:
-            # The first linear layer reads the flattened feature map: channel-major blocks of h*w inputs.
-            spatial = linears[0].in_features // convs[-1].out_channels
-            previous = (previous[:, None] * spatial + torch.arange(spatial)).flatten()
-        else:
-            previous = torch.arange(linears[0].in_features)
-        for i, (lin, small_lin) in enumerate(zip(linears, small_linears)):
-            keep = kept_neurons[i] if i < len(kept_neurons) else torch.arange(lin.out_features)
-            small_lin.weight.copy_(lin.weight[keep][:, previous])
-            small_lin.bias.copy_(lin.bias[keep])
-            previous = keep
-    if finetune is not None:
-        finetune(small)
-    return small.eval(), new_spec

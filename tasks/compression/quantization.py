@@ -6,6 +6,9 @@ Modes: `fp32` (the exported model unchanged: ONNX Runtime's speed at full precis
 QDQ format, per-channel weights) and `fp16` (weights and arithmetic in half precision,
 float32 inputs and outputs). The artifact on disk is the quantized ONNX model, with the
 shrinkflow config in its metadata so the file alone says what it is and where it came from.
+
+Export keeps the batch dimension dynamic and proves it: the graph is run at two batch sizes
+against the torch model, and a model whose code fixes its batch size is refused by name.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
@@ -49,17 +60,90 @@ def read_onnx_config(path: str | Path) -> dict[str, Any]:
     return parse_config(path, props)
 
 
+class OnnxExportError(ValueError):
+    """A model cannot be exported to ONNX with a batch dimension that stays dynamic."""
+
+
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension of size 1, so the traced example needs a larger batch
+CHECK_BATCHES = (1, 3)  # batch sizes the exported graph must run at, both unlike the traced example
+
+
 def export_onnx(model: nn.Module, path: str | Path, config: dict[str, Any]) -> None:
-    """Export with a dynamic batch dimension; the graph is checked by ONNX before it is written."""
-    example = torch.zeros(1, *config["input_shape"])
+    """Export with a dynamic batch dimension, then check it: the graph must declare its batch symbolic and
+    match the torch model at two other batch sizes. Otherwise OnnxExportError names the architecture and
+    why, and nothing is written. The graph is also checked by ONNX before it is written."""
+    arch = config["model"]["arch"]
+    model = model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    example = torch.zeros(EXAMPLE_BATCH, *config["input_shape"], device=device)
+    try:
+        # torch.export itself, not the ONNX exporter's fallbacks, which silently fix the batch size.
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                      strict=False)
+    except Exception as e:  # the model's own code runs while traced and may raise anything
+        reason = " ".join(str(e).splitlines()[:2])
+        raise OnnxExportError(f"architecture {arch!r}: cannot export to ONNX with a dynamic batch dimension "
+                              f"(torch.export: {reason})") from e
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
-        program = torch.onnx.export(model.eval(), (example,), input_names=[INPUT], output_names=[OUTPUT],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
-                                    external_data=False, verbose=False)
-    exported = program.model_proto
+        exported = torch.onnx.export(program, input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
+                                     external_data=False, verbose=False).model_proto
+    for node in exported.graph.node:
+        # The exporter's debug notes (stack traces with local paths, fx nodes) would make the bytes depend
+        # on where the code is checked out, and outweigh a small model's weights.
+        del node.metadata_props[:]
     onnx.checker.check_model(exported)
+    check_dynamic_batch(exported, model, config)
     save_onnx(exported, path, config)
+
+
+def check_dynamic_batch(exported: onnx.ModelProto, model: nn.Module, config: dict[str, Any]) -> None:
+    """The ONNX graph takes any batch size and computes what `model` computes, or OnnxExportError."""
+    arch = config["model"]["arch"]
+    batch_dim = exported.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:
+        raise OnnxExportError(f"architecture {arch!r}: the ONNX graph fixed its batch size to {batch_dim.dim_value}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a check, not a benchmark: leave the other cores to parallel stages
+    session = ort.InferenceSession(exported.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    device = next(model.parameters(), torch.empty(0)).device
+    generator = torch.Generator().manual_seed(0)
+    for batch in CHECK_BATCHES:
+        x = torch.rand(batch, *config["input_shape"], generator=generator)
+        with torch.no_grad():
+            expected = model(x.to(device)).cpu().numpy()
+        try:
+            got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
+        except Exception as e:  # ONNX Runtime's errors share no base class below Exception
+            raise OnnxExportError(f"architecture {arch!r}: the exported ONNX graph fails at batch {batch} "
+                                  f"({e})") from e
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+            raise OnnxExportError(f"architecture {arch!r}: the exported ONNX graph at batch {batch} does not "
+                                  f"match the torch model (shape {list(got.shape)} vs {list(expected.shape)})")
+
+
+@dataclass(frozen=True)
+class StaticScheme:
+    """How static int8 quantizes: the activation-range calibration, weight scales per output channel or one
+    per tensor, and nodes left in float (by name in the exported graph)."""
+
+    calibration: str = "minmax"
+    per_channel: bool = True
+    float_nodes: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"calibration": self.calibration, "per_channel": self.per_channel, "float_nodes": list(self.float_nodes)}
+
+
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def weighted_nodes(path: str | Path) -> list[str]:
+    """Names of the graph's layers with weights (Conv, Gemm, MatMul), first to last."""
+    graph = onnx.load_model(str(path), load_external_data=False).graph
+    return [node.name for node in graph.node if node.op_type in WEIGHTED_OPS]
 
 
 class CalibrationReader(CalibrationDataReader):
@@ -70,9 +154,32 @@ class CalibrationReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
+def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node its own copy of each non-scalar initializer that several nodes read.
+
+    ONNX Runtime's quantizer rewrites a weight for one consumer (it transposes a Gemm's weight for
+    MatMulInteger) and the other consumers of the same initializer -- the Gather of an embedding tied to
+    the output layer -- would read the rewritten tensor and fail.
+    """
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    read = set()
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name not in initializers or not initializers[name].dims:
+                continue
+            if name in read:
+                duplicate = onnx.TensorProto()
+                duplicate.CopyFrom(initializers[name])
+                duplicate.name = f"{name}__copy{len(model.graph.initializer)}"  # unique: the count only grows
+                model.graph.initializer.append(duplicate)
+                node.input[position] = duplicate.name
+            read.add(name)
+    return model
+
+
 def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[str, Any],
-                  calibration: np.ndarray | None = None) -> None:
-    """Quantize the float32 ONNX model at `source` and write it to `path`."""
+                  calibration: np.ndarray | None = None, scheme: StaticScheme = StaticScheme()) -> None:
+    """Quantize the float32 ONNX model at `source` and write it to `path` (`scheme`: int8_static only)."""
     if mode not in QUANTIZATION_MODES:
         raise ParamsError(f"quantize.mode: unknown mode {mode!r}; use one of {list(QUANTIZATION_MODES)}")
     if mode == "int8_static" and (calibration is None or len(calibration) == 0):
@@ -83,16 +190,28 @@ def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[
     with tempfile.TemporaryDirectory() as scratch:
         prepared, quantized = Path(scratch) / "prepared.onnx", Path(scratch) / "quantized.onnx"
         quant_pre_process(str(source), str(prepared))
+        if mode.startswith("int8"):
+            onnx.save_model(unshare_initializers(onnx.load_model(str(prepared))), str(prepared))
         if mode == "int8_dynamic":
             quantize_dynamic(prepared, quantized, weight_type=QuantType.QInt8)
         elif mode == "int8_static":
             quantize_static(prepared, quantized, CalibrationReader(calibration.astype(np.float32)),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            quant_format=QuantFormat.QDQ, per_channel=scheme.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CALIBRATION_METHODS[scheme.calibration],
+                            nodes_to_exclude=list(scheme.float_nodes))
         else:
             onnx.save_model(convert_float_to_float16(onnx.load_model(str(prepared)), keep_io_types=True),
                             str(quantized))
         save_onnx(onnx.load_model(str(quantized)), path, config)
+
+
+def onnx_accuracy(path: str | Path, X: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy in percent of the ONNX model at `path` on inputs `X` with class indices `y`."""
+    session = OnnxClassifier(path)
+    predicted = np.concatenate([session.run_native(np.ascontiguousarray(X[i : i + 1024], dtype=np.float32))
+                                for i in range(0, len(X), 1024)]).argmax(axis=1)
+    return float(100 * (predicted == y).mean())
 
 
 class OnnxClassifier:
