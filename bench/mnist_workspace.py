@@ -20,7 +20,9 @@ MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def benchmark_params() -> dict:
-    return yaml.safe_load((ROOT / "bench" / "mnist.yaml").read_text())
+    """params.yaml with the sections bench/mnist.yaml sets replaced by the benchmark's."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return params | yaml.safe_load((ROOT / "bench" / "mnist.yaml").read_text())
 
 
 def mnist_workspace(out: Path, mnist_dir: Path = MNIST_DIR, params: dict | None = None) -> Path:

@@ -196,8 +196,10 @@ def comparison_table(evaluation: dict, result: dict, gated_at: str) -> str:
     sections.append(
         f"{evaluation['test_samples']} test samples. Accuracy: Wilson interval. Change: paired on the same "
         f"examples, Tango score interval and the score (McNemar) test at no change. Non-inferiority: the upper "
-        f"confidence bound of the drop at the Holm-adjusted level (family-wise α={thresholds['alpha']}) must be below {thresholds['max_accuracy_drop']:.2f} "
-        f"points. Batch-1 p50 latency on {evaluation['threads']} CPU thread(s). Speed-up: against the {reference} on "
+        f"confidence bound of the drop at the Holm-adjusted level (family-wise α={thresholds['alpha']}) must be "
+        f"below {thresholds['max_accuracy_drop']:.2f} points. Batch-1 p50 latency with {evaluation['threads']} "
+        f"thread(s): PyTorch on {evaluation['devices']['pytorch']}, ONNX Runtime on "
+        f"{evaluation['devices']['onnxruntime']}. Speed-up: against the {reference} on "
         f"its fastest runtime ({evaluation['reference_runtime']}); the interval is the [min, max] of the per-round "
         f"ratios over {evaluation['rounds']} interleaved rounds ({100 * evaluation['speedup_interval_coverage']:.1f} % "
         f"coverage of their median), and a minimum fails only when the whole interval is below it; in brackets, "

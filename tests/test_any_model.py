@@ -18,13 +18,14 @@ from torch import nn
 from tasks import compress as compress_stage
 from tasks.compress import CompressParams, compress, parse_recipe
 from tasks.compression.methods import NotApplicable
-from tasks.compression.quantization import OnnxClassifier
+from tasks.compression.quantization import OnnxClassifier, export_onnx
 from tasks.compression.structured import structured_prune
 from tasks.models import (
     ModelFileError,
     build_model,
     count_parameters,
     load_model,
+    read_config,
     save_model,
 )
 from tasks.params import DistillParams, ModelParams, from_dict
@@ -155,13 +156,38 @@ def test_chained_recipe_with_layer_pruning_recovers_by_distillation(digits_dir, 
 def test_pruned_model_saves_and_loads_with_the_same_outputs(tmp_path, spec):
     torch.manual_seed(0)
     model = build_model(spec, [1, 8, 8], 10)
-    small, shapes = structured_prune(model, 0.5, lambda: build_model(spec, [1, 8, 8], 10), torch.zeros(2, 1, 8, 8))
-    config = {"model": spec, "input_shape": [1, 8, 8], "classes": list(range(10)), "pruned_shapes": shapes}
+    small, recorded = structured_prune(model, 0.5, lambda: build_model(spec, [1, 8, 8], 10), torch.zeros(2, 1, 8, 8))
+    config = {"model": spec, "input_shape": [1, 8, 8], "classes": list(range(10)), **recorded}
     save_model(small, tmp_path / "small.safetensors", config)
     loaded, _ = load_model(tmp_path / "small.safetensors")
     x = torch.rand(256, 1, 8, 8)
     assert count_parameters(loaded) == count_parameters(small) < count_parameters(model)
     assert torch.equal(loaded(x), small(x))
+
+
+def attention_layers(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.num_heads, m.head_dim) for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+@pytest.mark.parametrize("ratio, heads, expected", [(0.0, 0.5, (2, 4)), (0.5, 0.5, (2, 2)), (0.0, 0.9, (1, 4))])
+def test_structured_pruning_removes_whole_attention_heads(tmp_path, ratio, heads, expected):
+    """Four heads of width 4: `heads` removes whole ones (the same in both layers, which share the residual
+    stream), `ratio` then narrows those left. The file records the head counts; it loads and exports."""
+    spec = dict(TRANSFORMER, heads=4)
+    torch.manual_seed(0)
+    model = build_model(spec, [1, 8, 8], 10)
+    assert attention_layers(model) == [(4, 4)] * 2
+    small, recorded = structured_prune(model, ratio, lambda: build_model(spec, [1, 8, 8], 10),
+                                       torch.zeros(2, 1, 8, 8), heads=heads)
+    assert attention_layers(small) == [expected] * 2
+    assert recorded["attention_heads"] == {f"encoder.layers.{i}.self_attn": expected[0] for i in range(2)}
+    config = {"model": spec, "input_shape": [1, 8, 8], "classes": list(range(10)), **recorded}
+    save_model(small, tmp_path / "small.safetensors", config)
+    loaded, _ = load_model(tmp_path / "small.safetensors")
+    x = torch.rand(64, 1, 8, 8)
+    assert attention_layers(loaded) == [expected] * 2 and torch.equal(loaded(x), small(x))
+    export_onnx(loaded, tmp_path / "small.onnx", config)
+    assert torch.allclose(OnnxClassifier(tmp_path / "small.onnx")(x), small(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("structure, message", [
@@ -180,13 +206,28 @@ def test_recorded_structure_from_an_untrusted_file_is_checked(tmp_path, structur
         load_model(tmp_path / "crafted.safetensors")
 
 
+@pytest.mark.parametrize("heads, message", [
+    ({"encoder.layers.0.self_attn": 8}, r"attention_heads.encoder.layers.0.self_attn: 8 is not a head count from 1 "
+                                        r"up to the architecture's 2"),
+    ({"encoder.layers.0.self_attn": 0}, r"is not a head count"),
+    ({"head": 1}, r"attention_heads: 'head' is not a MultiheadAttention of the architecture"),
+    ({"encoder.layers.0.self_attn": True}, r"is not a head count"),
+    ([1], r"attention_heads: a mapping of attention layer name to head count"),
+])
+def test_recorded_head_counts_from_an_untrusted_file_are_checked(tmp_path, heads, message):
+    config = {"model": TRANSFORMER, "input_shape": [1, 8, 8], "classes": list(range(10)), "attention_heads": heads}
+    save_model(build_model(TRANSFORMER, [1, 8, 8], 10), tmp_path / "crafted.safetensors", config)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(tmp_path / "crafted.safetensors")
+
+
 def test_recipe_that_cannot_apply_is_refused_before_training_naming_recipe_and_reason(
         digits_dir, tmp_path, params_configuring_the_architectures):
     params = params_configuring_the_architectures
     params["student"]["model"] = {"arch": "mlp", "hidden": [16]}  # the search's source: a quick ONNX export
     problems = check_recipes(params)
     assert len(problems) == 1
-    assert problems[0].startswith("compress.recipes.odd.steps[1]: structured_prune ratio=0.5 cannot apply to "
+    assert problems[0].startswith("compress.recipes.odd.steps[1]: structured_prune ratio=0.5 heads=0.0 cannot apply to "
                                   "architecture 'tests.test_any_model:hard_wired': ")
     assert "no longer runs" in problems[0]
     params["compress"]["recipes"]["odd"]["steps"][0]["model"] = {"arch": "mlp", "hidden": [16]}
@@ -199,8 +240,8 @@ def test_recipe_that_cannot_apply_is_refused_before_training_naming_recipe_and_r
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     validation = tmp_path / "validation.json"
     validation.write_text(json.dumps({"success": True, "failures": []}))
-    with pytest.raises(NotApplicable, match=r"compress.recipes.odd.steps\[0\]: structured_prune ratio=0.5 cannot "
-                                            r"apply to architecture 'tests.test_any_model:hard_wired'"):
+    with pytest.raises(NotApplicable, match=r"compress.recipes.odd.steps\[0\]: structured_prune ratio=0.5 heads=0.0 "
+                                            r"cannot apply to architecture 'tests.test_any_model:hard_wired'"):
         compress_stage.run(["odd", str(digits_dir), str(validation), str(source), str(source),
                             str(tmp_path / "candidates" / "odd")])
     assert not (tmp_path / "candidates").exists()
@@ -216,7 +257,7 @@ def test_search_skips_a_template_that_cannot_apply_and_runs_the_rest(digits_dir,
     record = search(digits_dir, models, tmp_path / "search", params, compress_params, DistillParams())
     assert [t["steps"] for t in record["trials"]] == [[{"method": "prune", "sparsity": 0.3, "rounds": 1}]]
     assert [s["steps"] for s in record["skipped"]] == [[{"method": "structured_prune", "ratio": 0.5}]]
-    assert "structured_prune ratio=0.5 cannot apply to architecture 'tests.test_any_model:hard_wired'" in \
+    assert "structured_prune ratio=0.5 heads=0.0 cannot apply to architecture 'tests.test_any_model:hard_wired'" in \
         record["skipped"][0]["reason"]
     assert json.loads((tmp_path / "search" / "lineage.json").read_text())["chain"][1]["method"] == "prune"
 
@@ -252,7 +293,7 @@ def test_dvc_repro_with_user_architectures_completes_every_stage(repo_copy):
     params["compress"]["recipes"] = {
         "slim": {"source": "teacher", "teacher": "teacher", "steps": [{"method": "structured_prune", "ratio": 0.5}]},
         "chain": {"source": "teacher", "teacher": "teacher", "steps": [
-            {"method": "layer_prune"}, {"method": "structured_prune", "ratio": 0.5},
+            {"method": "layer_prune"}, {"method": "structured_prune", "ratio": 0.5, "heads": 0.5},
             {"method": "prune", "sparsity": 0.5, "rounds": 1}, {"method": "share", "bits": 4},
             {"method": "quantize", "mode": "int8_dynamic"}]},
     }
@@ -285,3 +326,7 @@ def test_dvc_repro_with_user_architectures_completes_every_stage(repo_copy):
     lineage = json.loads((repo_copy / "models" / "candidates" / "chain" / "lineage.json").read_text())
     assert [link["method"] for link in lineage["chain"]] == ["source", "layer_prune", "structured_prune", "prune",
                                                              "share", "quantize"]
+    # One of the two layers and one of its two heads are left; the file records both.
+    structured = read_config(repo_copy / "models" / "candidates" / "chain" / "step2-structured_prune.safetensors")
+    assert structured["removed_layers"] == [["encoder.layers.1"]]
+    assert structured["attention_heads"] == {"encoder.layers.0.self_attn": 1}

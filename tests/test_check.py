@@ -111,7 +111,7 @@ def test_a_recipe_that_cannot_apply_to_its_architecture_is_reported_before_anyth
     problems = check_workspace(repo_copy)
     assert len(problems) == 2, problems
     slim, shallow = sorted(problems, reverse=True)
-    assert slim.startswith("params.yaml:compress.recipes.slim.steps[0]: structured_prune ratio=0.5 cannot apply "
+    assert slim.startswith("params.yaml:compress.recipes.slim.steps[0]: structured_prune ratio=0.5 heads=0.0 cannot apply "
                            "to architecture 'architectures.fixed:build'"), slim
     assert shallow.startswith("params.yaml:compress.recipes.shallow.steps[0]: layer_prune"), shallow
     assert not (repo_copy / "models").exists() or not any((repo_copy / "models").iterdir())

@@ -54,7 +54,7 @@ def model(lost: int = 0, gained: int = 0, speedup: float = 1.0, interval: tuple 
 
 def evaluation_of(models: dict[str, dict]) -> dict:
     return {"reference": "teacher", "reference_runtime": "onnxruntime", "test_samples": TEST_SAMPLES, "threads": 1,
-            "rounds": 7, "speedup_interval_coverage": 1 - 2.0**-6, "produced_from": PRODUCED_FROM,
+            "devices": {"pytorch": "cuda (NVIDIA L4)", "onnxruntime": "cpu"}, "rounds": 7, "speedup_interval_coverage": 1 - 2.0**-6, "produced_from": PRODUCED_FROM,
             "models": {"teacher": model(reference=True), **models},
             "pareto": {"file_bytes": ["teacher"], "latency_ms_p50": ["teacher"]}}
 
@@ -171,6 +171,7 @@ def test_comparison_table_shows_intervals_verdicts_optimism_and_the_run_it_descr
     assert "- **search** failed: accuracy drop could be as large as 3.84 points (upper bound at Holm-adjusted α=0.0500)" in table
     assert ("Selection optimism: `search` was picked on the validation split with a drop of 1.12 points and dropped "
             "2.22 points on test (optimism +1.11 points).") in table
+    assert "latency with 1 thread(s): PyTorch on cuda (NVIDIA L4), ONNX Runtime on cpu." in table
 
 
 def test_promotion_review_shows_the_same_figures_as_the_comparison_table():

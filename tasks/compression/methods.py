@@ -35,10 +35,11 @@ from tasks.compression.quantization import (
     quantize_onnx,
 )
 from tasks.compression.shapes import (
+    ATTENTION_HEADS,
     PRUNED_SHAPES,
     REMOVED_LAYERS,
-    pruned_shapes,
     remove_layers,
+    structure,
 )
 from tasks.compression.structured import structured_prune
 from tasks.compression.tuning import tune_static
@@ -90,9 +91,11 @@ class PruneSettings:
 @dataclass(frozen=True)
 class StructuredPruneSettings:
     ratio: float  # fraction of each dependency group's channels removed
+    heads: float = 0.0  # fraction of each attention layer's whole heads removed first (one always stays)
 
     def __post_init__(self) -> None:
         _require(0 <= self.ratio < 1, f"ratio: must be in [0, 1), got {self.ratio!r}")
+        _require(0 <= self.heads < 1, f"heads: must be in [0, 1), got {self.heads!r}")
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,8 @@ class QuantizeTunedSettings:
 
 def distill(model: nn.Module, settings: DistillSettings, context: StepContext) -> nn.Module:
     recipe = from_dict(TrainParams, {**context.config["train"], **settings.train}, "distill step train")
-    context.config.pop(PRUNED_SHAPES, None)  # a new architecture, as its spec builds it
-    context.config.pop(REMOVED_LAYERS, None)
+    for key in (PRUNED_SHAPES, ATTENTION_HEADS, REMOVED_LAYERS):  # a new architecture, as its spec builds it
+        context.config.pop(key, None)
     if context.train is None:
         context.config["model"] = settings.model
         return build_model(settings.model, context.input_shape, context.n_classes)
@@ -161,9 +164,10 @@ def architecture(context: StepContext) -> nn.Module:
 
 
 def prune_structure(model: nn.Module, settings: StructuredPruneSettings, context: StepContext) -> nn.Module:
-    small, shapes = structured_prune(model, settings.ratio, lambda: architecture(context),
-                                     torch.zeros(2, *context.input_shape), context.finetune)
-    context.config[PRUNED_SHAPES] = shapes
+    small, recorded = structured_prune(model, settings.ratio, lambda: architecture(context),
+                                       torch.zeros(2, *context.input_shape), context.finetune, settings.heads)
+    context.config.pop(ATTENTION_HEADS, None)
+    context.config.update(recorded)
     return small
 
 
@@ -171,9 +175,10 @@ def prune_layers(model: nn.Module, settings: LayerPruneSettings, context: StepCo
     small, removed = layer_prune(model, settings.keep_every, torch.zeros(2, *context.input_shape),
                                  context.finetune)
     context.config[REMOVED_LAYERS] = [*context.config.get(REMOVED_LAYERS, []), removed]
-    if PRUNED_SHAPES in context.config:  # earlier structured pruning: its shapes, named as the blocks now are
+    if PRUNED_SHAPES in context.config:  # earlier structured pruning: its structure, named as the blocks now are
+        context.config.pop(ATTENTION_HEADS, None)
         with torch.device("meta"):
-            context.config[PRUNED_SHAPES] = pruned_shapes(small, architecture(context))
+            context.config.update(structure(small, architecture(context)))
     return small
 
 
@@ -300,7 +305,7 @@ def dry_run(steps: list[Step], model: nn.Module, config: dict[str, Any], input_s
                 shape = list(model(example).shape)
             if shape != [2, n_classes]:
                 raise ValueError(f"the output has shape {shape}, not [2, {n_classes}]")
-            architecture = json.dumps(["export", context.config["model"],
+            architecture = json.dumps(["export", context.config["model"], context.config.get(ATTENTION_HEADS),
                                        {k: list(t.shape) for k, t in model.state_dict().items()}])
             if index == len(steps) - 1 and context.config["model"]["arch"] not in BUILT_IN \
                     and architecture not in memo:

@@ -2,8 +2,9 @@
 
 A user's builder cannot express removed layers or pruned widths, so a model file's config records them:
 the blocks layer pruning removed (`removed_layers`: rounds of names of children of an nn.Sequential or
-nn.ModuleList) and the shape of every tensor that differs from the architecture as built
-(`pruned_shapes`). `apply_structure` makes a freshly built architecture so (on the meta device first, as
+nn.ModuleList), the head count of every nn.MultiheadAttention that lost whole heads (`attention_heads`)
+and the shape of every tensor that differs from the architecture as built (`pruned_shapes`).
+`apply_structure` makes a freshly built architecture so (on the meta device first, as
 the loader sizes models) before its weights are loaded. The config comes from a model file, which is
 untrusted: every name must be a block or tensor of the architecture, and sizes may only shrink.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 PRUNED_SHAPES = "pruned_shapes"  # the config key of the recorded tensor shapes
 REMOVED_LAYERS = "removed_layers"  # the config key of the recorded removed blocks
+ATTENTION_HEADS = "attention_heads"  # the config key of the recorded head counts
 
 
 class PrunedShapeError(ValueError):
@@ -24,8 +26,41 @@ class PrunedShapeError(ValueError):
 
 
 def apply_structure(model: nn.Module, config: dict[str, Any]) -> nn.Module:
-    """A freshly built `model` with the config's removed layers removed and its tensors at the pruned shapes."""
-    return apply_pruned_shapes(remove_layers(model, config.get(REMOVED_LAYERS)), config.get(PRUNED_SHAPES))
+    """A freshly built `model` with the config's removed layers removed, its attention layers at the recorded
+    head counts and its tensors at the pruned shapes."""
+    model = set_attention_heads(remove_layers(model, config.get(REMOVED_LAYERS)), config.get(ATTENTION_HEADS))
+    return apply_pruned_shapes(model, config.get(PRUNED_SHAPES))
+
+
+def structure(model: nn.Module, architecture: nn.Module) -> dict[str, Any]:
+    """The config entries that make `architecture` (as built, less removed layers) into `model`'s shape."""
+    recorded: dict[str, Any] = {PRUNED_SHAPES: pruned_shapes(model, architecture)}
+    built = dict(architecture.named_modules())
+    heads = {name: module.num_heads for name, module in model.named_modules()
+             if isinstance(module, nn.MultiheadAttention) and module.num_heads != built[name].num_heads}
+    if heads:
+        recorded[ATTENTION_HEADS] = heads
+    return recorded
+
+
+def set_attention_heads(model: nn.Module, heads: Any) -> nn.Module:
+    """Give each named nn.MultiheadAttention its recorded head count (untrusted: fewer than built, at least
+    one); its head width follows from its pruned shapes."""
+    if not heads:
+        return model
+    if not isinstance(heads, dict):
+        raise PrunedShapeError(f"{ATTENTION_HEADS}: a mapping of attention layer name to head count, got "
+                               f"{heads!r:.80}")
+    modules = dict(model.named_modules())
+    for name, count in heads.items():
+        module = modules.get(name) if isinstance(name, str) else None
+        if not isinstance(module, nn.MultiheadAttention):
+            raise PrunedShapeError(f"{ATTENTION_HEADS}: {name!r:.80} is not a MultiheadAttention of the architecture")
+        if not (type(count) is int and 1 <= count <= module.num_heads):
+            raise PrunedShapeError(f"{ATTENTION_HEADS}.{name}: {count!r:.80} is not a head count from 1 up to the "
+                                   f"architecture's {module.num_heads}")
+        module.num_heads = count
+    return model
 
 
 def remove_layers(model: nn.Module, rounds: Any) -> nn.Module:
@@ -84,6 +119,9 @@ def sync_layer_sizes(model: nn.Module) -> None:
             module.num_embeddings, module.embedding_dim = module.weight.shape
         elif isinstance(module, nn.MultiheadAttention):
             module.embed_dim = module.out_proj.weight.shape[0]
+            if module.embed_dim % module.num_heads:
+                raise PrunedShapeError(f"{ATTENTION_HEADS}: width {module.embed_dim} of an attention layer is not "
+                                       f"a multiple of its {module.num_heads} heads")
             module.head_dim = module.embed_dim // module.num_heads
             if module._qkv_same_embed_dim:
                 module.kdim = module.vdim = module.embed_dim
@@ -96,6 +134,7 @@ def apply_pruned_shapes(model: nn.Module, shapes: Any) -> nn.Module:
     untrusted file: every name must exist and every size may only shrink) and return it. The new tensors
     are empty, on the model's device: the caller loads the weights."""
     if not shapes:
+        sync_layer_sizes(model)  # recorded head counts still set the head width
         return model
     if not isinstance(shapes, dict):
         raise PrunedShapeError(f"{PRUNED_SHAPES}: a mapping of tensor name to shape, got {shapes!r:.80}")
