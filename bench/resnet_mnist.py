@@ -28,7 +28,7 @@ from mnist_workspace import MNIST_DIR, ROOT, benchmark_params, mnist_workspace, 
 from flows.stages import load_stages, topological_order
 from tasks.compress import finetune_recipe
 from tasks.compression.quantization import export_onnx
-from tasks.compression.shapes import PRUNED_SHAPES, pruned_shapes
+from tasks.compression.shapes import structure
 from tasks.evaluate import Candidate, base_candidate, evaluate, recipe_candidate
 from tasks.models import build_model, load_model, save_model
 from tasks.params import EvaluateParams, from_dict
@@ -81,9 +81,9 @@ def torch_pruning_defaults(model: torch.nn.Module, config: dict, ratio: float, p
     pruner.step()
     make_finetune(prepared, finetune_recipe(config, finetune_overrides), desc=f"torch-pruning {ratio}")(model)
     with torch.device("meta"):
-        shapes = pruned_shapes(model, build_model(config["model"], config["input_shape"], len(config["classes"])))
+        recorded = structure(model, build_model(config["model"], config["input_shape"], len(config["classes"])))
     path = out / f"torch_pruning_{int(100 * ratio)}.safetensors"
-    save_model(model.eval(), path, {**config, PRUNED_SHAPES: shapes})
+    save_model(model.eval(), path, {**config, **recorded})
     return path
 
 

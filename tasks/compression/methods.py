@@ -163,11 +163,16 @@ def architecture(context: StepContext) -> nn.Module:
     return remove_layers(model, context.config.get(REMOVED_LAYERS))
 
 
+def record_structure(config: dict[str, Any], recorded: dict[str, Any]) -> None:
+    """Replace the config's recorded structure (`recorded` has attention_heads only when heads were removed)."""
+    config.pop(ATTENTION_HEADS, None)
+    config.update(recorded)
+
+
 def prune_structure(model: nn.Module, settings: StructuredPruneSettings, context: StepContext) -> nn.Module:
     small, recorded = structured_prune(model, settings.ratio, lambda: architecture(context),
                                        torch.zeros(2, *context.input_shape), context.finetune, settings.heads)
-    context.config.pop(ATTENTION_HEADS, None)
-    context.config.update(recorded)
+    record_structure(context.config, recorded)
     return small
 
 
@@ -176,9 +181,8 @@ def prune_layers(model: nn.Module, settings: LayerPruneSettings, context: StepCo
                                  context.finetune)
     context.config[REMOVED_LAYERS] = [*context.config.get(REMOVED_LAYERS, []), removed]
     if PRUNED_SHAPES in context.config:  # earlier structured pruning: its structure, named as the blocks now are
-        context.config.pop(ATTENTION_HEADS, None)
         with torch.device("meta"):
-            context.config.update(structure(small, architecture(context)))
+            record_structure(context.config, structure(small, architecture(context)))
     return small
 
 
