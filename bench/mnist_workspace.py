@@ -19,10 +19,10 @@ MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
-def benchmark_params() -> dict:
-    """params.yaml with the sections bench/mnist.yaml sets replaced by the benchmark's."""
+def benchmark_params(config: str = "mnist.yaml") -> dict:
+    """params.yaml with the sections bench/<config> sets replaced by the benchmark's."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return params | yaml.safe_load((ROOT / "bench" / "mnist.yaml").read_text())
+    return params | yaml.safe_load((ROOT / "bench" / config).read_text())
 
 
 def mnist_workspace(out: Path, mnist_dir: Path = MNIST_DIR, params: dict | None = None) -> Path:

@@ -53,6 +53,18 @@ def upstream(stages: dict[str, Stage]) -> dict[str, list[str]]:
             for name, stage in stages.items()}
 
 
+def ancestors(stages: dict[str, Stage], name: str) -> set[str]:
+    """Every stage whose outputs `name` needs, directly or through others."""
+    parents, found = upstream(stages), set()
+    pending = list(parents[name])
+    while pending:
+        stage = pending.pop()
+        if stage not in found:
+            found.add(stage)
+            pending += parents[stage]
+    return found
+
+
 def topological_order(stages: dict[str, Stage]) -> list[str]:
     """Stage names with every stage after the stages it depends on."""
     parents, order, visiting = upstream(stages), [], set()

@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
 from flows.pipeline import make_task_runner, record_in_dvc_lock, run_stage, run_stages, stale_stages
-from flows.stages import load_stages
+from flows.stages import ancestors, load_stages
 from tasks.io import read_json, write_json
 from tasks.params import PARAMS_FILE, ModelParams, OrchestrationParams, SweepParams, from_dict, load_section
 
@@ -94,7 +94,7 @@ def sweep() -> dict[str, Any]:
     params = load_section("sweep", SweepParams)
     orchestration = load_section("orchestration", OrchestrationParams)
     stages = load_stages()
-    prerequisites = sorted({"prepare", "validate"} & stale_stages())
+    prerequisites = sorted(ancestors(stages, "train_teacher") & stale_stages())  # its data (and pretrained model)
     if prerequisites:
         run_stages(prerequisites, orchestration.retries, orchestration.retry_delay_seconds)
     teacher = stages["train_teacher"]

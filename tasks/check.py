@@ -8,6 +8,7 @@ check first; it reports every problem at once, each naming the file and the fiel
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -22,11 +23,13 @@ from tasks.compress import CompressParams, load_recipes
 from tasks.gate import GateParams
 from tasks.models import build_model, configured_model_specs
 from tasks.params import (PARAMS_FILE, DataParams, DistillParams, EvaluateParams, ModelParams, OrchestrationParams,
-                          SweepParams, from_dict)
+                          ParamsError, PretrainedParams, SweepParams, from_dict)
+from tasks.pretrained import package_model
 from tasks.registry import RegistryParams
 from tasks.search import SearchParams, check_recipes, plan_trials
 from tasks.serving import ServeParams
 from tasks.storage import StorageParams
+from tasks.training import pretrained_spec
 
 
 class WorkspaceInvalid(ValueError):
@@ -44,6 +47,7 @@ def parser(cls: type, then: Callable[[Any], Any] = lambda parsed: None) -> Calla
 
 SECTIONS: dict[str, Callable[[Any, str], Any]] = {
     "data": parser(DataParams),
+    "pretrained": parser(PretrainedParams),
     "teacher": parser(ModelParams),
     "student": parser(ModelParams),
     "distill": parser(DistillParams),
@@ -99,6 +103,25 @@ def user_architecture_problems(root: Path, params: dict[str, Any], specs: list[t
     return json.loads(process.stdout.splitlines()[-1])  # the last line: a builder may print
 
 
+def with_pretrained_specs(params: dict[str, Any], pretrained: PretrainedParams | None) -> dict[str, Any]:
+    """params with each `{pretrained: true}` model spec expanded as training will expand it, from the
+    configured pretrained model's config.json (read as data), so it can be built and dry-run."""
+    specs = [spec for _, spec in configured_model_specs(params) if spec.get("pretrained")]
+    if not specs:
+        return params
+    if pretrained is None or not pretrained.configured:
+        raise ParamsError("model.pretrained: set, but params.yaml:pretrained names no package or path")
+    source = package_model(pretrained)[1] if pretrained.package else Path(pretrained.path)
+    hf_config = json.loads((source / "config.json").read_text())
+    expanded = copy.deepcopy(params)
+    for _, spec in configured_model_specs(expanded):
+        if spec.get("pretrained"):
+            replacement = pretrained_spec(spec, hf_config)
+            spec.clear()
+            spec.update(replacement)
+    return expanded
+
+
 def check_workspace(root: Path) -> list[str]:
     """Every problem with params.yaml (each section parsed and checked as its stage will) and the workspace."""
     from tasks.codedeps import missing_code_deps
@@ -125,7 +148,11 @@ def check_workspace(root: Path) -> list[str]:
             problems.append(located(e, section))
 
     if "data" in parsed:  # models are built for the data's input shape and classes
-        shape, n_classes = parsed["data"].input_shape, len(parsed["data"].classes)
+        shape, n_classes = parsed["data"].sample_shape, len(parsed["data"].classes)
+        try:
+            params = with_pretrained_specs(params, parsed.get("pretrained"))
+        except (ValueError, OSError) as e:
+            problems.append(f"{PARAMS_FILE}: {e}")
         specs = list(configured_model_specs(params))
         if any(":" in spec["arch"] for _, spec in specs):
             problems += user_architecture_problems(root, params, specs, shape, n_classes)

@@ -173,6 +173,8 @@ def compress(
         context = StepContext(step_config, schema["input_shape"], len(schema["classes"]), finetune=finetune,
                               train=functools.partial(train_model, prepared_dir, role=step_config["role"],
                                                       teacher_path=teacher, distill=distill_params))
+        if method.reads_train:
+            context.train_inputs = load_split(prepared_dir, "train", schema["classes"]).X.numpy()
         if method.write_onnx is not None:  # int8 calibrates on the train split; qat and tuning select on validation
             context.calibration = calibration_data(prepared_dir, schema["classes"], params.calibration_samples)
             context.validation = load_split(prepared_dir, "validation", schema["classes"])

@@ -48,10 +48,13 @@ from tasks.io import atomic_path, file_sha256, read_json, run_main, write_json
 from tasks.models import count_parameters, load_model
 from tasks.params import PARAMS_FILE, EvaluateParams, load_section
 from tasks.compression.quantization import OnnxClassifier, export_onnx, read_onnx_config
-from tasks.statistics import paired_comparison, wilson_interval
-from tasks.training import load_split, make_deterministic, predict_logits, resolve_device
+from tasks.statistics import macro_f1_interval, paired_comparison, wilson_interval
+from tasks.text import lengths, trim_padding
+from tasks.training import Split, load_split, make_deterministic, model_split, predict_logits, resolve_device
 
 PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
+# text only: batch-1 p50 of the short half of the texts and of the longest tenth, with their median token counts
+TEXT_LATENCIES = ("latency_ms_p50_short", "tokens_short", "latency_ms_p50_long", "tokens_long")
 
 
 @dataclass(frozen=True)
@@ -104,18 +107,28 @@ def timed_turn(run: Runner, samples: list[Any], batch: Any, params: EvaluatePara
     return latencies, (time.perf_counter_ns() - start) / 1e9
 
 
-def measure_speeds(runners: dict[Hashable, Runner], X: torch.Tensor, params: EvaluateParams) -> dict[Hashable, dict]:
+def measure_speeds(runners: dict[Hashable, Runner], X: torch.Tensor | dict[Hashable, Split], params: EvaluateParams,
+                   pad_id: int | None = None) -> dict[Hashable, dict]:
     """Latency percentiles, throughput and per-round medians of every runner, measured interleaved.
 
     Round r times every runner once, starting from the r-th (so none is always first).
     Garbage collection is off while timing: a collection would be charged to whichever
-    call triggered it.
+    call triggered it. `X`: the samples, or each runner's own split (text models with tokenizers of their
+    own). Text (`pad_id`, or the splits'): each sample is as long as its own text, as a server sees it,
+    and the batch as long as its longest text.
     """
     torch.set_num_threads(params.threads)
-    samples = X[: params.latency_repeats]
-    batch = full_batch(X, params.throughput_batch)
-    inputs = {key: ([run.prepare(s.unsqueeze(0)) for s in samples], run.prepare(batch))
-              for key, run in runners.items()}
+    splits = X if isinstance(X, dict) else {key: Split(X, torch.empty(0), pad_id) for key in runners}
+    inputs, sample_lengths = {}, {}
+    for key, run in runners.items():
+        split = splits[key]
+        samples = [s.unsqueeze(0) for s in split.X[: params.latency_repeats]]
+        if split.pad_id is not None:
+            sample_lengths[key] = lengths(split.X[: params.latency_repeats].numpy(), split.pad_id)
+        batch = full_batch(split.X, params.throughput_batch)
+        if split.pad_id is not None:
+            samples, batch = [trim_padding(s, split.pad_id) for s in samples], trim_padding(batch, split.pad_id)
+        inputs[key] = ([run.prepare(s) for s in samples], run.prepare(batch))
     keys = list(runners)
     latencies: dict[Hashable, list[list[float]]] = {key: [] for key in keys}
     batch_seconds: dict[Hashable, float] = dict.fromkeys(keys, 0.0)
@@ -145,12 +158,21 @@ def measure_speeds(runners: dict[Hashable, Runner], X: torch.Tensor, params: Eva
             "latency_ms_p50_rounds": round_p50,
             "latency_p50_spread_pct": 100 * (max(round_p50) - min(round_p50)) / float(np.median(round_p50)),
         }
+        if key in sample_lengths:  # text: the p50 of the short half of the texts and of the longest tenth
+            tokens = sample_lengths[key]
+            per_call = np.tile(tokens, math.ceil(params.latency_repeats / len(tokens)))[: params.latency_repeats]
+            calls = np.stack(latencies[key])
+            for name, chosen in (("short", per_call <= np.median(tokens)),
+                                 ("long", per_call >= np.percentile(tokens, 90))):
+                speeds[key][f"latency_ms_p50_{name}"] = float(np.median(calls[:, chosen]))
+                speeds[key][f"tokens_{name}"] = float(np.median(per_call[chosen]))
     return speeds
 
 
-def measure_speed(model: nn.Module | OnnxClassifier, X: torch.Tensor, params: EvaluateParams) -> dict:
+def measure_speed(model: nn.Module | OnnxClassifier, X: torch.Tensor, params: EvaluateParams,
+                  pad_id: int | None = None) -> dict:
     """Batch-1 latency percentiles (ms) and throughput (samples/s) of one model on CPU."""
-    return measure_speeds({"model": runner(model)}, X, params)["model"]
+    return measure_speeds({"model": runner(model)}, X, params, pad_id)["model"]
 
 
 def speedup(reference: dict, candidate: dict) -> tuple[float, list[float]]:
@@ -253,32 +275,36 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
     device = resolve_device(params.device)
     make_deterministic(device)
     devices = {PYTORCH: device_name(device), ONNXRUNTIME: "cpu"}  # ONNX Runtime: its CPU execution provider
-    results, predictions, runners, artifacts = {}, {}, {}, {}
+    results, predictions, runners, artifacts, inputs = {}, {}, {}, {}, {}
     for name, candidate in candidates.items():
         config = candidate.config
         if config["classes"] != schema["classes"] or config["input_shape"] != schema["input_shape"]:
             raise ValueError(f"{candidate.path}: model was trained for classes {config['classes']} and input "
                              f"{config['input_shape']}, test data has {schema['classes']} and {schema['input_shape']}")
+        data = model_split(prepared_dir, "test", schema["classes"], config)  # in the model's own tokens
         torch_model = candidate.torch_model
         onnx_model = OnnxClassifier(candidate.onnx_path, params.threads)
         if torch_model is not None:
             torch_model.to(device)
             runners[name, PYTORCH] = runner(torch_model, device)
+            inputs[name, PYTORCH] = data
             artifacts[name, PYTORCH] = {"artifact": str(candidate.path), "device": devices[PYTORCH],
                                         **artifact_sizes(candidate.path, torch_model)}
         runners[name, ONNXRUNTIME] = runner(onnx_model)
+        inputs[name, ONNXRUNTIME] = data
         artifacts[name, ONNXRUNTIME] = {"artifact": str(candidate.onnx_path) if candidate.onnx_is_artifact else None,
                                         "device": devices[ONNXRUNTIME], **artifact_sizes(candidate.onnx_path, None)}
         if torch_model is not None:
-            predicted = predict_logits(torch_model, test.X, device=device).argmax(1).numpy()
+            predicted = predict_logits(torch_model, data.X, device=device, pad_id=data.pad_id).argmax(1).numpy()
         else:
-            predicted = predict_logits(onnx_model, test.X).argmax(1).numpy()
+            predicted = predict_logits(onnx_model, data.X, pad_id=data.pad_id).argmax(1).numpy()
         correct = int(np.sum(predicted == truth))
         low, high = wilson_interval(correct, len(truth))
         results[name] = {
             "accuracy": correct / len(truth),
             "accuracy_ci95": [low, high],
             "macro_f1": float(f1_score(truth, predicted, average="macro")),
+            "macro_f1_ci95": list(macro_f1_interval(truth, predicted, len(schema["classes"]))),
             "parameters": count_parameters(torch_model) if torch_model else config["parameters"],
             "nonzero_parameters": (sum(int((p != 0).sum()) for p in torch_model.parameters()) if torch_model
                                    else config.get("nonzero_parameters", config["parameters"])),
@@ -288,13 +314,14 @@ def evaluate(prepared_dir: Path, candidates: dict[str, Candidate], params: Evalu
             "runtime": PYTORCH if torch_model is not None else ONNXRUNTIME,
         }
         predictions[name] = predicted
-    speeds = measure_speeds(runners, test.X, params)
+    speeds = measure_speeds(runners, inputs, params)
     for name, metrics in results.items():
         metrics["runtimes"] = {runtime: {**speeds[model, runtime], **artifacts[model, runtime]}
                                for model, runtime in runners if model == name}
         deployed = metrics["runtimes"][metrics["runtime"]]
         metrics.update({key: deployed[key] for key in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s",
-                                                       "device", "expanded_bytes", "expanded_to_run")})
+                                                       "device", "expanded_bytes", "expanded_to_run",
+                                                       *TEXT_LATENCIES) if key in deployed})
         metrics["file_bytes"] = deployed["artifact_bytes"]
     base = results[reference]
     fastest = min(base["runtimes"], key=lambda runtime: base["runtimes"][runtime]["latency_ms_p50"])

@@ -134,7 +134,7 @@ def model_cells(metrics: dict, reference: str, verdict: dict | None) -> dict[str
         "non-inferior": "" if drop_test is None else (
             f"{'yes' if drop_test['passed'] else 'NO'}: drop ≤ {drop_test['drop_upper_bound_points']:.2f} "
             f"(α={drop_test['holm_alpha']:.4f})"),
-        "macro-F1": f"{metrics['macro_f1']:.4f}",
+        "macro-F1": "{:.4f} [{:.4f}, {:.4f}]".format(metrics["macro_f1"], *metrics["macro_f1_ci95"]),
         "bytes": size,
         "size": f"{metrics['size_reduction']:.1f}",
         "runtime": metrics["runtime"],
@@ -152,7 +152,7 @@ def column_titles(evaluation: dict, thresholds: dict) -> dict[str, str]:
         "accuracy": "test accuracy [95% CI]",
         "change": f"vs {reference}, pts [95% CI] p",
         "non-inferior": f"drop < {thresholds['max_accuracy_drop']:.2f} pts? (bound at Holm α)",
-        "macro-F1": "macro-F1",
+        "macro-F1": "macro-F1 [95% CI]",
         "bytes": "bytes deployed",
         "size": "size ×",
         "runtime": "runtime",

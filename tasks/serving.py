@@ -47,6 +47,7 @@ from tasks.models import ModelFileError, load_model, parse_config, trusted_archi
 from tasks.params import PARAMS_FILE, DataParams, _require, from_dict, load_section
 from tasks.prepare import DataError, csv_features, normalise, npz_signature_problem, read_csv_frame, read_idx
 from tasks.registry import Registry, open_registry
+from tasks.text import TokenizerError, encode, is_text_config, load_tokenizer, pad_id, trim_padding
 
 RUNTIMES = ("pytorch", "onnxruntime")
 PREDICT_BATCH = 1024  # rows per inference call in `predict`: bounds memory on large files
@@ -92,6 +93,22 @@ class Deployed:
     data: DataParams  # the value range and input shape the model was trained with; label column of params.yaml
     logits: Callable[[np.ndarray], np.ndarray]
     loaded_at: str
+    tokenizer: Any = None  # text: the model's own tokenizer (from its file), raw text -> token ids
+    pad_id: int | None = None
+
+    def text_input(self, texts: list, origin: str) -> np.ndarray:
+        """Raw texts -> the model's token ids, as prepare made them in training."""
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise DataError(f"{origin}: item(s) {bad[:10]} are not text (0-based)")
+        return encode(self.tokenizer, texts, self.input_shape[0], self.pad_id)
+
+    def batch_logits(self, X: np.ndarray) -> np.ndarray:
+        """Logits of many samples, in batches; text batches cut to their longest text."""
+        batches = (X[i:i + PREDICT_BATCH] for i in range(0, len(X), PREDICT_BATCH))
+        if self.pad_id is not None:
+            batches = (trim_padding(torch.from_numpy(x), self.pad_id).numpy() for x in batches)
+        return np.concatenate([self.logits(x) for x in batches])
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "candidate": self.candidate,
@@ -103,9 +120,12 @@ def training_data(lineage: dict, where: str, label_column: str) -> DataParams:
     try:
         recorded = lineage["stages"][lineage["data"]["prepared"]["stage"]]["params"]["data"]
         # dvc.lock records what params.yaml spelled out; DataParams supplies the defaults of the rest
-        fields = {key: recorded[key] for key in ("value_range", "input_shape", "classes") if key in recorded}
+        fields = {key: recorded[key] for key in ("value_range", "input_shape", "classes", "text_column", "max_length")
+                  if key in recorded}
     except (KeyError, TypeError) as e:
         raise ServingError(f"{where}: lineage.json records no data params of the prepare stage (missing {e})") from None
+    if fields.get("text_column"):  # DataParams' checks need a source to read text from
+        fields.update(source="csv", path="-")
     return from_dict(DataParams, dict(fields, label_column=label_column), f"{where} lineage.json data")
 
 
@@ -132,7 +152,7 @@ def onnx_runtime(path: Path, threads: int) -> tuple[Callable, dict]:
             isinstance(d, int) and d != c for d, c in zip(declared, config["input_shape"])):
         raise ModelFileError(f"{path.name}: graph input {declared} does not match its config's input_shape "
                              f"{config['input_shape']}")
-    return lambda x: classifier.run_native(np.ascontiguousarray(x, dtype=np.float32)), config
+    return lambda x: classifier.run_native(classifier.native_input(x)), config
 
 
 def load_version(registry: Registry, alias: dict, architectures: dict, label_column: str, threads: int) -> Deployed:
@@ -164,12 +184,19 @@ def load_version(registry: Registry, alias: dict, architectures: dict, label_col
         path.write_bytes(content)
         logits, config = (torch_runtime(path, architectures, threads) if runtime == "pytorch"
                           else onnx_runtime(path, threads))
-    if config["input_shape"] != data.input_shape or config["classes"] != data.classes:
+    if config["input_shape"] != data.sample_shape or config["classes"] != data.classes:
         raise ServingError(f"{where}: {name} takes input_shape {config['input_shape']} and classes "
-                           f"{config['classes']}, but its lineage's data has {data.input_shape} and {data.classes}")
+                           f"{config['classes']}, but its lineage's data has {data.sample_shape} and {data.classes}")
+    tokenizer = None
+    if is_text_config(config):
+        try:
+            tokenizer = load_tokenizer(config.get("tokenizer", ""), data.max_length, f"{name} tokenizer")
+        except TokenizerError as e:
+            raise ModelFileError(str(e)) from None
     return Deployed(model=registry.model, version=number, candidate=manifest["candidate"],
                     model_sha256=manifest["model_sha256"], runtime=runtime, input_shape=config["input_shape"],
-                    classes=config["classes"], data=data, logits=logits,
+                    classes=config["classes"], data=data, logits=logits, tokenizer=tokenizer,
+                    pad_id=pad_id(config["tokenizer"]) if tokenizer else None,
                     loaded_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
 
@@ -228,6 +255,22 @@ def read_features(path: Path, label_column: str) -> np.ndarray:
     return read_idx(path)
 
 
+def read_texts(path: Path, text_column: str) -> list[str]:
+    """The texts of a CSV file's `text_column` (the model's data.text_column), as strings."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e or 'empty'})") from None
+    if text_column not in frame.columns:
+        raise DataError(f"{path}: no column {text_column!r} (the text the model was trained on); "
+                        f"columns are {list(frame.columns)[:10]}")
+    return frame[text_column].tolist()
+
+
 def write_predictions(path: Path, classes: list, predicted: np.ndarray, probabilities: np.ndarray) -> None:
     """CSV: row (0-based, as in the input), predicted class, then the probability of each class."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -239,8 +282,11 @@ def write_predictions(path: Path, classes: list, predicted: np.ndarray, probabil
 def predict(root: Path, input_path: Path, output_path: Path) -> dict:
     """Classify every sample of `input_path` with the production model; write the predictions CSV."""
     deployed = ModelService(root).deployed
-    X = model_input(read_features(Path(input_path), deployed.data.label_column), deployed, str(input_path))
-    logits = np.concatenate([deployed.logits(X[i:i + PREDICT_BATCH]) for i in range(0, len(X), PREDICT_BATCH)])
+    if deployed.tokenizer is not None:
+        X = deployed.text_input(read_texts(Path(input_path), deployed.data.text_column), str(input_path))
+    else:
+        X = model_input(read_features(Path(input_path), deployed.data.label_column), deployed, str(input_path))
+    logits = deployed.batch_logits(X)
     classes = np.asarray(deployed.classes)
     write_predictions(Path(output_path), deployed.classes, classes[logits.argmax(axis=1)], softmax(logits))
     summary = dict(deployed.describe(), samples=len(X), output=str(output_path))
@@ -350,6 +396,12 @@ class ModelService:
 
     def classify(self, instances: list) -> dict:
         deployed = self.deployed  # one version for the whole request, whatever the poller does meanwhile
+        if deployed.tokenizer is not None:  # a text model: each instance is a text
+            try:
+                logits = deployed.batch_logits(deployed.text_input(instances, "instances"))
+            except DataError as e:
+                raise RequestRejected(400, str(e)) from None
+            return self.answer(deployed, logits)
         problem = first_non_number(instances, "instances", len(deployed.input_shape))
         if problem:
             raise RequestRejected(400, problem)
@@ -364,6 +416,10 @@ class ModelService:
             logits = deployed.logits(model_input(X, deployed, "instances"))
         except DataError as e:
             raise RequestRejected(400, str(e)) from None
+        return self.answer(deployed, logits)
+
+    @staticmethod
+    def answer(deployed: Deployed, logits: np.ndarray) -> dict:
         classes = np.asarray(deployed.classes)
         return {"model": deployed.model, "version": deployed.version, "candidate": deployed.candidate,
                 "classes": classes[logits.argmax(axis=1)].tolist(),

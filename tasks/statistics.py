@@ -29,6 +29,26 @@ def wilson_interval(correct: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def macro_f1_interval(truth: np.ndarray, predicted: np.ndarray, n_classes: int, resamples: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the macro-F1 (test samples resampled with replacement). Each
+    resample averages F1 over the classes it has in its truth or its predictions, as sklearn's macro-F1
+    does; macro-F1 has no closed-form interval, and rare classes make it far noisier than accuracy."""
+    n = len(truth)
+    rows = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    offsets = (np.arange(resamples) * n_classes)[:, None]
+    t, p = truth[rows] + offsets, predicted[rows] + offsets
+    size = resamples * n_classes
+    true_positives = np.bincount(t.ravel(), weights=(t == p).ravel(), minlength=size).reshape(resamples, -1)
+    # 2 TP + FP + FN = (samples of the class) + (predictions of the class)
+    denominator = (np.bincount(t.ravel(), minlength=size) + np.bincount(p.ravel(), minlength=size)
+                   ).reshape(resamples, -1)
+    present = denominator > 0
+    f1 = np.where(present, 2 * true_positives / np.maximum(denominator, 1), 0.0)
+    low, high = np.percentile(f1.sum(axis=1) / present.sum(axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
 def drop_score(lost: int, gained: int, n: int, drop: float) -> float:
     """Tango's score statistic for H0: accuracy drop (reference minus candidate, a fraction) = `drop`.
 

@@ -42,7 +42,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tasks.io import atomic_path, file_sha256, read_json, read_split, write_json
-from tasks.models import build_model, count_parameters, load_model, save_model
+from tasks.text import encode, lengths, load_tokenizer, pad_id, sha256_text, trim_padding
+from safetensors.torch import load_file
+
+from tasks.models import BERT_LIMITS, build_model, count_parameters, load_model, save_model
 from tasks.params import (PARAMS_FILE, DistillParams, DistributedParams, ModelParams, ParamsError, TrainParams,
                            as_dict)
 
@@ -53,6 +56,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 class Split:
     X: torch.Tensor
     y: torch.Tensor  # class indices 0..n_classes-1
+    pad_id: int | None = None  # text: the padding token id; batches are cut to their longest text
 
 
 @dataclass
@@ -117,7 +121,24 @@ def load_split(prepared_dir: Path, split: str, classes: list[int]) -> Split:
     if unknown.any():
         raise ValueError(f"{prepared_dir}/y_{split}.npy: label(s) {np.unique(y[unknown])[:10].tolist()} "
                          f"not in the declared classes {list(classes)}")
-    return Split(torch.from_numpy(X), torch.from_numpy(order[found]))
+    schema = Path(prepared_dir) / "schema.json"  # text: its padding id (a split without a schema is not text)
+    return Split(torch.from_numpy(X), torch.from_numpy(order[found]),
+                 read_json(schema).get("pad_id") if schema.is_file() else None)
+
+
+def model_split(prepared_dir: Path, split: str, classes: list, config: dict[str, Any]) -> Split:
+    """The split as the model of `config` reads it: text in the model's own tokenizer when that is not the
+    data's (trim_vocab gives a model a smaller one), from the split's raw texts."""
+    data = load_split(prepared_dir, split, classes)
+    schema = read_json(Path(prepared_dir) / "schema.json")
+    tokenizer_json = config.get("tokenizer", "")
+    if data.pad_id is None or sha256_text(tokenizer_json) == schema["tokenizer_sha256"]:
+        return data
+    texts = np.load(Path(prepared_dir) / f"text_{split}.npy", allow_pickle=False).tolist()
+    pad = pad_id(tokenizer_json)
+    X = encode(load_tokenizer(tokenizer_json, schema["max_length"], "the model's tokenizer"), texts,
+               schema["max_length"], pad)
+    return Split(torch.from_numpy(X), data.y, pad)
 
 
 def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -135,15 +156,28 @@ def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 
 def learning_rate(recipe: TrainParams, step: int, total_steps: int) -> float:
+    """The rate at `step`: a linear warm-up over the first `warmup` of the steps, then the schedule."""
+    warmup_steps = recipe.warmup * total_steps
+    if step < warmup_steps:
+        return recipe.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
     if recipe.schedule == "constant":
         return recipe.lr
-    return 0.5 * recipe.lr * (1 + math.cos(math.pi * step / total_steps))
+    if recipe.schedule == "linear":
+        return recipe.lr * (1 - progress)
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: nn.Module, recipe: TrainParams) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        # BERT's recipe: no decay on biases and normalisation weights (the 1-d parameters)
+        matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        return torch.optim.AdamW([{"params": matrices, "weight_decay": recipe.weight_decay},
+                                  {"params": vectors, "weight_decay": 0.0}], lr=recipe.lr)
     return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
@@ -178,12 +212,36 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024,
-                   device: torch.device | None = None) -> torch.Tensor:
-    """Logits on the CPU; batches go to `device` (where the model is) when given."""
+                   device: torch.device | None = None, pad_id: int | None = None) -> torch.Tensor:
+    """Logits on the CPU; batches go to `device` (where the model is) when given. Text (`pad_id`): each
+    batch cut to its longest text, which gives the same logits sooner."""
     model.eval()
+    batches = (X[i : i + batch_size] for i in range(0, len(X), batch_size))
+    if pad_id is not None:
+        batches = (trim_padding(x, pad_id) for x in batches)
     if device is None:
-        return torch.cat([model(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
-    return torch.cat([model(X[i : i + batch_size].to(device)).cpu() for i in range(0, len(X), batch_size)])
+        return torch.cat([model(x) for x in batches])
+    return torch.cat([model(x.to(device)).cpu() for x in batches])
+
+
+BUCKET_CHUNK = 50  # batches whose samples are sorted by length together
+
+
+def text_lengths(X: torch.Tensor, pad: int) -> torch.Tensor:
+    return torch.from_numpy(lengths(X.numpy(), pad))
+
+
+def bucketed(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`order` regrouped so each batch holds texts of similar length: chunks of BUCKET_CHUNK batches are
+    sorted by length, cut into batches, and the batches shuffled. Still a random order (the last, short
+    batch stays last, as without bucketing)."""
+    chunk = batch_size * BUCKET_CHUNK
+    parts = [order[i:i + chunk] for i in range(0, len(order), chunk)]
+    batches = [b for part in parts
+               for b in part[torch.sort(lengths[part], stable=True).indices].split(batch_size)]
+    full, last = (batches[:-1], batches[-1:]) if len(batches[-1]) < batch_size else (batches, [])
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator)]
+    return torch.cat(shuffled + last)
 
 
 def load_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
@@ -249,8 +307,12 @@ def fit(
         data_rng.set_state(resumed["data_rng"])
         history, start_epoch = resumed["history"], resumed["epoch"]
         tqdm.write(f"{desc}: resuming from checkpoint {checkpoint} after epoch {start_epoch}")
+    cached_teacher_logits = None
     if teacher is not None:
         teacher.to(device).eval()
+        if distill is not None and not (recipe.augment_shift or recipe.mixup):
+            # the teacher sees fixed inputs: its logits once, not at every step
+            cached_teacher_logits = predict_logits(teacher, train.X, device=device, pad_id=train.pad_id)
     # DDP all-reduces (averages) the gradients of the processes in backward()
     forward = model if replica.world_size == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -258,9 +320,12 @@ def fit(
 
     bar = tqdm(range(start_epoch, recipe.epochs), desc=desc, unit="epoch", initial=start_epoch, total=recipe.epochs,
                disable=replica.rank != 0)
+    text_length = text_lengths(train.X, train.pad_id) if recipe.bucket and train.pad_id is not None else None
     for epoch in bar:
         model.train()
         order = torch.randperm(len(train.X), generator=data_rng)
+        if text_length is not None:
+            order = bucketed(order, text_length, batch_size, data_rng)
         loss_sum, correct = 0.0, 0
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
@@ -270,6 +335,8 @@ def fit(
             x = train.X[idx]
             if x.dim() == 4:
                 x = shift_images(x, recipe.augment_shift, data_rng)
+            if train.pad_id is not None:
+                x = trim_padding(x, train.pad_id)
             y = train.y[idx]
             mix = mixup_pairs(len(idx), recipe.mixup, data_rng)
             if mix is not None:
@@ -285,8 +352,11 @@ def fit(
                     torch.manual_seed(replica_seed(recipe.seed, replica.rank, step))
                 logits = forward(x)
             if teacher is not None and distill is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)  # the teacher sees the same augmented batch
+                if cached_teacher_logits is not None:
+                    teacher_logits = cached_teacher_logits[idx][shard].to(device)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)  # the teacher sees the same augmented batch
                 loss = distillation_loss(logits, teacher_logits, y, distill, mix)
             else:
                 loss = hard_label_loss(logits, y, mix)
@@ -297,6 +367,8 @@ def fit(
                 (loss * (replica.world_size * len(y) / len(idx))).backward()
             else:
                 loss.backward()
+            if recipe.clip_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
             optimizer.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -304,7 +376,7 @@ def fit(
             totals = torch.tensor([loss_sum, correct], dtype=torch.float64, device=device)
             dist.all_reduce(totals)
             loss_sum, correct = float(totals[0]), int(totals[1])
-        val_logits = predict_logits(model, val.X, device=device)
+        val_logits = predict_logits(model, val.X, device=device, pad_id=val.pad_id)
         row = {
             "epoch": epoch + 1,
             "lr": learning_rate(recipe, (epoch + 1) * steps_per_epoch, total_steps),
@@ -331,6 +403,62 @@ def fit(
     return history
 
 
+PRETRAINED_DIR = Path("models/pretrained")  # stage `pretrained`'s output
+# What the package's file has that the classifier does not: a buffer older transformers saved
+PRETRAINED_EXTRA_KEYS = {"bert.embeddings.position_ids"}
+
+
+def pretrained_start(spec: dict[str, Any], pretrained_dir: Path) -> tuple[dict[str, Any], dict | None, dict]:
+    """`model: {arch: hf_bert, pretrained: true}` starts from the pretrained model of stage `pretrained`:
+    the spec becomes its architecture values (from its config.json; only dropouts may be overridden), and
+    its weights and their hashes are returned too. Any other spec: unchanged, no weights."""
+    if not spec.get("pretrained"):
+        return spec, None, {}
+    manifest = read_json(pretrained_dir / "manifest.json")
+    if manifest.get("source") is None:
+        raise ParamsError("model.pretrained: no pretrained model is configured (params.yaml:pretrained)")
+    expanded = pretrained_spec(spec, read_json(pretrained_dir / "config.json"))
+    weights = pretrained_dir / "model.safetensors"
+    state = {key if key.startswith("bert.") else f"bert.{key}": tensor for key, tensor in load_file(weights).items()}
+    hashes = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+    return expanded, state, {"pretrained": hashes}
+
+
+def pretrained_spec(spec: dict[str, Any], hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The spec of `{arch: hf_bert, pretrained: true}` with the pretrained model's architecture values from
+    its Hugging Face config.json: only the known BERT fields (BERT_LIMITS), and only the dropouts overridden."""
+    if spec.get("arch") != "hf_bert":
+        raise ParamsError(f"model.pretrained: only for arch hf_bert, got arch {spec.get('arch')!r}")
+    overrides = {k: v for k, v in spec.items() if k not in ("arch", "pretrained")}
+    fixed = sorted(set(overrides) - {"hidden_dropout_prob", "attention_probs_dropout_prob"})
+    if fixed:
+        raise ParamsError(f"model: {fixed} are fixed by the pretrained model; only the dropouts may be set")
+    values = {k: hf_config[k] for k in (*BERT_LIMITS, "hidden_act") if k in hf_config}
+    return {"arch": "hf_bert", **values, **overrides}
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], origin: Path) -> None:
+    """The pretrained weights into every layer but the new classifier, strictly otherwise."""
+    state = {k: v for k, v in state.items() if k not in PRETRAINED_EXTRA_KEYS}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{origin}: its weights do not fit its config.json ({e})") from None
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise ValueError(f"{origin}: weights missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def check_text_model(model: nn.Module, schema: dict[str, Any]) -> None:
+    """A Hugging Face text model must embed every id of the data's tokenizer and mask its padding id."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    if config.vocab_size < schema["vocab_size"] or config.pad_token_id != schema["pad_id"]:
+        raise ParamsError(f"model: vocab_size {config.vocab_size} and pad_token_id {config.pad_token_id}; the "
+                          f"data's tokenizer has {schema['vocab_size']} tokens and pads with id {schema['pad_id']}")
+
+
 def train_model(
     prepared_dir: Path,
     params: ModelParams,
@@ -340,6 +468,7 @@ def train_model(
     teacher_path: Path | None = None,
     distill: DistillParams | None = None,
     on_epoch_end: EpochCallback | None = None,
+    pretrained_dir: Path = PRETRAINED_DIR,
 ) -> Trained:
     """Build the model named in `params`, fit it on the prepared data, return it with its full config."""
     schema = read_json(Path(prepared_dir) / "schema.json")
@@ -347,15 +476,18 @@ def train_model(
     train, val = (load_split(prepared_dir, s, classes) for s in ("train", "validation"))
     if params.train.augment_shift and train.X.dim() != 4:
         raise ValueError(f"train.augment_shift: shifting needs image input, data has shape {schema['input_shape']}")
+    if params.train.mixup and train.pad_id is not None:
+        raise ParamsError("train.mixup: mixes inputs, which token ids cannot be; set it to 0 for text")
+    spec, pretrained_state, pretrained_lineage = pretrained_start(params.model, pretrained_dir)
     teacher = None
     lineage: dict[str, Any] = {"data_sha256": {s: file_sha256(Path(prepared_dir) / f"X_{s}.npy")
-                                               for s in ("train", "validation", "test")}}
+                                               for s in ("train", "validation", "test")}, **pretrained_lineage}
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path)
         lineage["teacher_sha256"] = file_sha256(teacher_path)
     config = {
         "role": role,
-        "model": params.model,
+        "model": spec,
         "train": as_dict(params.train),
         "distill": as_dict(distill) if distill else None,
         "input_shape": schema["input_shape"],
@@ -365,8 +497,14 @@ def train_model(
         "trained_on": device_record(resolve_device(params.train.device), current_replica()),
     }
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    if schema.get("modality") == "text":  # the file alone turns raw text into its input
+        config.update(modality="text", tokenizer=(Path(prepared_dir) / "tokenizer.json").read_text())
     torch.manual_seed(params.train.seed)
-    model = build_model(params.model, schema["input_shape"], len(classes))
+    model = build_model(spec, schema["input_shape"], len(classes))
+    if pretrained_state is not None:
+        load_pretrained(model, pretrained_state, pretrained_dir / "model.safetensors")
+    if schema.get("modality") == "text":
+        check_text_model(model, schema)
     config["parameters"] = count_parameters(model)
     history = fit(model, train, val, params.train, fingerprint=fingerprint, checkpoint=checkpoint,
                   teacher=teacher, distill=distill, on_epoch_end=on_epoch_end, desc=role)

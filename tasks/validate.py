@@ -9,6 +9,10 @@ GX validates tables, so the data becomes tables the checks can be written agains
   of the later split with the row of an identical sample in the earlier split and the
   distance to its nearest neighbour there: leakage, exact and near-duplicate, by row.
 
+Text (`data.text_column` set) has its own per-split table (label, text, characters, tokens) and
+leakage tables keyed on the normalised text (case, whitespace and Unicode forms ignored), with
+no near-duplicate search; the schema's duplicates, label conflicts and truncations become warnings.
+
 Writes the result as JSON and GX Data Docs (HTML) in every case; on failure it
 raises `ValidationFailed` listing each failed check, so no training starts.
 """
@@ -29,6 +33,7 @@ import pandas as pd
 from tasks.io import atomic_path, read_json, read_split, run_main, write_json
 from tasks.params import DataParams, load_section
 from tasks.prepare import SPLITS, min_class_size
+from tasks.text import lengths, normalise_text
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -36,6 +41,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 SPLIT_PAIRS = (("train", "validation"), ("train", "test"), ("validation", "test"))
 LEAKAGE_TABLES = [f"{earlier}/{later}" for earlier, later in SPLIT_PAIRS]
 SHOWN = 10  # rows or classes named in a failure message; validation.json has them all
+TEXT_SHOWN = 40  # characters of a text quoted in a failure message
+# What validate needs from a text schema.json beyond the arrays: padding to count tokens, the rest as warnings.
+TEXT_SCHEMA_KEYS = ("pad_id", "conflicts", "duplicates", "truncated")
 
 
 class ValidationFailed(ValueError):
@@ -63,7 +71,54 @@ def sample_table(X: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     })
 
 
-def class_count_table(labels: dict[str, np.ndarray], classes: list[int]) -> pd.DataFrame:
+def read_text_schema(prepared_dir: Path) -> dict[str, Any]:
+    """The text schema.json, refused if prepare wrote images or left out a field validate needs."""
+    path = Path(prepared_dir) / "schema.json"
+    schema = read_json(path)
+    modality = schema.get("modality", "image")  # image schemas predate the key
+    if modality != "text":
+        raise ValidationFailed(f"{path}: modality {modality!r}, but params.yaml:data.text_column is set; "
+                               "rerun prepare with the current params")
+    missing = [key for key in TEXT_SCHEMA_KEYS if key not in schema]
+    if missing:
+        raise ValidationFailed(f"{path}: text schema lacks {missing}")
+    return schema
+
+
+def read_texts(prepared_dir: Path, split: str, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The raw texts of a split: a unicode array, a text per row of X and y."""
+    path = Path(prepared_dir) / f"text_{split}.npy"
+    if not path.is_file():
+        raise ValidationFailed(f"{path}: not found; text data keeps its raw texts beside the token ids")
+    try:
+        texts = np.load(path, allow_pickle=False)
+    except ValueError as e:  # an object array: it could hold None or anything else
+        raise ValidationFailed(f"{path}: not a numpy unicode array ({e})") from None
+    if texts.dtype.kind != "U" or texts.ndim != 1:
+        raise ValidationFailed(f"{path}: must be a 1-D numpy unicode array (dtype '<U..'), "
+                               f"got {texts.dtype} of shape {texts.shape}")
+    if not len(texts) == len(X) == len(y):
+        raise ValidationFailed(f"{path}: {len(texts)} texts, but X_{split}.npy has {len(X)} rows "
+                               f"and y_{split}.npy {len(y)} labels")
+    return texts
+
+
+def text_sample_table(X: np.ndarray, y: np.ndarray, texts: np.ndarray, pad: int, max_length: int) -> pd.DataFrame:
+    flat = flatten(X)
+    n_tokens = lengths(flat, pad)
+    return pd.DataFrame({
+        "row": np.arange(len(X)),
+        "label": y,
+        "text": texts,
+        "n_chars": np.char.str_len(texts),
+        "n_tokens": n_tokens,
+        "truncated": n_tokens == max_length,  # filled to max_length: cut, or exactly that long
+        "n_features": np.full(len(X), flat.shape[1]),
+        "x_dtype": str(X.dtype),
+    })
+
+
+def class_count_table(labels: dict[str, np.ndarray], classes: list[int | str]) -> pd.DataFrame:
     counts = {split: [int(np.sum(y == c)) for c in classes] for split, y in labels.items()}
     return pd.DataFrame({"class": classes, **counts, "total": np.sum(list(counts.values()), axis=0)})
 
@@ -96,6 +151,18 @@ def leakage_table(earlier: str, X_earlier: np.ndarray, later: str, X_later: np.n
     })
 
 
+def text_leakage_table(earlier: str, texts_earlier: np.ndarray, later: str, texts_later: np.ndarray) -> pd.DataFrame:
+    """A row per text of `later`: the first text of `earlier` equal to it once normalised."""
+    # Blank texts all normalise to "": the split checks report them, they are no leak.
+    first_row = {key: row for row, key in reversed(list(enumerate(map(normalise_text, texts_earlier)))) if key}
+    identical = [first_row.get(normalise_text(text), pd.NA) for text in texts_later]
+    return pd.DataFrame({
+        f"{later}_row": np.arange(len(texts_later)),
+        f"identical_{earlier}_row": pd.array(identical, dtype="Int64"),
+        "text": texts_later,
+    })
+
+
 def split_expectations(params: DataParams) -> list[Any]:
     import great_expectations as gx
 
@@ -119,6 +186,26 @@ def split_expectations(params: DataParams) -> list[Any]:
     ]
 
 
+def text_split_expectations(params: DataParams) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    low, high = params.text_chars
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1, meta={"check": "split is not empty"}),
+        E.ExpectColumnValuesToBeInSet(column="n_features", value_set=[params.max_length],
+                                      meta={"check": f"token ids have the declared width {params.max_length} "
+                                                     "(data.max_length)"}),
+        E.ExpectColumnValuesToBeInSet(column="x_dtype", value_set=["int64"], meta={"check": "token ids are int64"}),
+        E.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$",
+                                            meta={"check": "texts are not empty or whitespace-only"}),
+        E.ExpectColumnValuesToBeBetween(column="n_chars", min_value=low, max_value=high,
+                                        meta={"check": f"texts have {low} to {high} characters (data.text_chars)"}),
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=list(params.classes),
+                                      meta={"check": f"labels from the declared classes {list(params.classes)}"}),
+    ]
+
+
 def class_count_expectations() -> list[Any]:
     import great_expectations as gx
 
@@ -132,10 +219,10 @@ def leakage_expectations(earlier: str, later: str, params: DataParams) -> list[A
 
     E = gx.expectations
     identical_row = f"identical_{earlier}_row"
-    expectations = [E.ExpectColumnValuesToBeNull(
-        column=identical_row,
-        meta={"check": f"no {later} sample identical to a {earlier} sample", "leak": "identical"})]
-    if params.near_duplicate_distance > 0:
+    check = (f"no {later} text equal to a {earlier} text (ignoring case, whitespace and Unicode forms)"
+             if params.is_text else f"no {later} sample identical to a {earlier} sample")
+    expectations = [E.ExpectColumnValuesToBeNull(column=identical_row, meta={"check": check, "leak": "identical"})]
+    if params.near_duplicate_distance > 0 and not params.is_text:  # token ids have no meaningful distance
         # Identical samples are reported above; this one finds the copies that differ a little.
         expectations.append(E.ExpectColumnValuesToBeBetween(
             column="rms_distance", min_value=params.near_duplicate_distance, strict_min=True,
@@ -148,6 +235,11 @@ def leakage_expectations(earlier: str, later: str, params: DataParams) -> list[A
 
 def shown(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def quoted(text: str) -> str:
+    """A text as a failure message shows it: quoted with whitespace visible, cut to TEXT_SHOWN characters."""
+    return repr(text if len(text) <= TEXT_SHOWN else text[: TEXT_SHOWN - 1] + "…")
 
 
 def describe_failure(table: str, result: Any, params: DataParams) -> str:
@@ -169,16 +261,20 @@ def describe_failure(table: str, result: Any, params: DataParams) -> str:
         earlier, later = table.split("/")
         pairs = [f"{later} row {pair[f'{later}_row']} " + (
                  f"~ {earlier} row {pair[f'{earlier}_row']} (RMS {pair['rms_distance']:.4f})" if "rms_distance" in pair
-                 else f"= {earlier} row {pair[f'{earlier}_row']}") for pair in leaked_pairs(table, result)]
+                 else f"= {earlier} row {pair[f'{earlier}_row']}")
+                 + (f" {quoted(pair['text'])}" if "text" in pair else "") for pair in leaked_pairs(table, result)]
         counted = f"{details['unexpected_count']} of {details['element_count']} rows"
         return f"{table}: {meta['check']}: {counted}: {shown(pairs)}"
     if "unexpected_count" not in details:  # a column-wide check, such as the label dtype
         return f"{table}: {meta['check']}: observed {details.get('observed_value')}"
-    rows = [str(row["row"]) for row in details.get("partial_unexpected_index_list") or []]
-    values = sorted({str(v) for v in details.get("partial_unexpected_list") or []})[:5]
+    # Text rows carry their text, quoted after the row number; a check on the text itself then needs no values.
+    rows = [str(row["row"]) + (f" {quoted(row['text'])}" if "text" in row else "")
+            for row in details.get("partial_unexpected_index_list") or []]
+    values = ([] if result.expectation_config.kwargs.get("column") == "text"
+              else sorted({str(v) for v in details.get("partial_unexpected_list") or []})[:5])
     return (f"{table}: {meta['check']}: {details['unexpected_count']} of {details['element_count']} rows fail"
-            + (f" (rows {', '.join(rows)}{', ...' if details['unexpected_count'] > len(rows) else ''}; "
-               f"values {', '.join(values)})" if rows else ""))
+            + (f" (rows {', '.join(rows)}{', ...' if details['unexpected_count'] > len(rows) else ''}"
+               + (f"; values {', '.join(values)}" if values else "") + ")" if rows else ""))
 
 
 def leaked_pairs(table: str, result: Any) -> list[dict[str, Any]]:
@@ -192,6 +288,8 @@ def leaked_pairs(table: str, result: Any) -> list[dict[str, Any]]:
             pair["rms_distance"] = float(row["rms_distance"])
         else:
             pair[f"{earlier}_row"] = int(row[f"identical_{earlier}_row"])
+        if "text" in row:
+            pair["text"] = row["text"]
         pairs.append(pair)
     return pairs
 
@@ -210,16 +308,28 @@ def validate(prepared_dir: Path, params: DataParams, docs_dir: Path) -> dict:
     source = context.data_sources.add_pandas("prepared")
     arrays = {s: read_split(prepared_dir, s) for s in SPLITS}
     # (table, frame, suite name, expectations, GX result format)
-    tables = [(s, sample_table(*arrays[s]), "prepared_split", split_expectations(params),
-               {"result_format": "SUMMARY", "unexpected_index_column_names": ["row"]}) for s in SPLITS]
+    if params.is_text:
+        schema = read_text_schema(prepared_dir)
+        texts = {s: read_texts(prepared_dir, s, *arrays[s]) for s in SPLITS}
+        tables = [(s, text_sample_table(*arrays[s], texts[s], schema["pad_id"], params.max_length), "prepared_split",
+                   text_split_expectations(params),
+                   {"result_format": "SUMMARY", "unexpected_index_column_names": ["row", "text"]}) for s in SPLITS]
+    else:
+        tables = [(s, sample_table(*arrays[s]), "prepared_split", split_expectations(params),
+                   {"result_format": "SUMMARY", "unexpected_index_column_names": ["row"]}) for s in SPLITS]
     class_counts = class_count_table({s: arrays[s][1] for s in SPLITS}, params.classes)
     tables.append(("class_counts", class_counts, "class_counts", class_count_expectations(),
                    {"result_format": "COMPLETE", "unexpected_index_column_names": ["class", "total"]}))
     for earlier, later in SPLIT_PAIRS:
-        tables.append((f"{earlier}/{later}", leakage_table(earlier, arrays[earlier][0], later, arrays[later][0]),
-                       f"leakage_{earlier}_{later}", leakage_expectations(earlier, later, params),
-                       {"result_format": "COMPLETE",
-                        "unexpected_index_column_names": [f"{later}_row", f"nearest_{earlier}_row"]}))
+        if params.is_text:
+            frame = text_leakage_table(earlier, texts[earlier], later, texts[later])
+            index_columns = [f"{later}_row", "text"]
+        else:
+            frame = leakage_table(earlier, arrays[earlier][0], later, arrays[later][0])
+            index_columns = [f"{later}_row", f"nearest_{earlier}_row"]
+        tables.append((f"{earlier}/{later}", frame, f"leakage_{earlier}_{later}",
+                       leakage_expectations(earlier, later, params),
+                       {"result_format": "COMPLETE", "unexpected_index_column_names": index_columns}))
 
     suites: dict[str, Any] = {}
     checks, failures, leakage = [], [], {}
@@ -242,10 +352,14 @@ def validate(prepared_dir: Path, params: DataParams, docs_dir: Path) -> dict:
                 if table in LEAKAGE_TABLES:
                     leakage.setdefault(table, {})[result.expectation_config.meta["leak"]] = leaked_pairs(table, result)
     context.build_data_docs()  # once for all tables: rendering is most of the stage's time
-    return {"success": not failures, "failures": failures, "checks": checks,
-            "class_counts": {str(row["class"]): {s: int(row[s]) for s in SPLITS}
-                             for row in class_counts.to_dict("records")},
-            "leakage": leakage}
+    summary = {"success": not failures, "failures": failures, "checks": checks,
+               "class_counts": {str(row["class"]): {s: int(row[s]) for s in SPLITS}
+                                for row in class_counts.to_dict("records")},
+               "leakage": leakage}
+    if params.is_text:  # what prepare resolved or cut: worth knowing, no reason to stop (details in schema.json)
+        summary["warnings"] = {"conflicting_labels": len(schema["conflicts"]), "duplicates": schema["duplicates"],
+                               "truncated": schema["truncated"]}
+    return summary
 
 
 def run_validation(prepared_dir: Path, params: DataParams, result_path: Path, docs_dir: Path) -> dict:
@@ -275,6 +389,8 @@ def run(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     summary = run_validation(args.prepared_dir, load_section("data", DataParams), args.result, args.docs_dir)
     print(f"validation passed: {len(summary['checks'])} checks -> {args.result}")
+    if "warnings" in summary:
+        print(f"warnings (text): {summary['warnings']}")
 
 
 if __name__ == "__main__":

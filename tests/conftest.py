@@ -24,6 +24,7 @@ RECIPE = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "epochs": 3, "seed"
 TINY_PARAMS = {
     "data": {"source": "digits", "classes": list(range(10)), "input_shape": [1, 8, 8], "value_range": [0, 16],
              "split": {"train": 0.6, "validation": 0.15, "test": 0.25}, "seed": 0},
+    "pretrained": {"package": "", "version": "", "path": ""},
     "teacher": {"model": {"arch": "cnn", "channels": [8, 16], "hidden": 32}, "train": RECIPE},
     "student": {"model": {"arch": "mlp", "hidden": [16]}, "train": dict(RECIPE, augment_shift=0)},
     "distill": {"temperature": 4.0, "alpha": 0.7},

@@ -302,7 +302,7 @@ def test_dvc_repro_with_user_architectures_completes_every_stage(repo_copy):
                             space=[[{"method": "structured_prune", "ratio": [0.5]}]])
     write_params(repo_copy, params)
 
-    assert run(["shrinkflow", "check"], repo_copy).stdout.strip() == "params.yaml: 12 sections valid"
+    assert run(["shrinkflow", "check"], repo_copy).stdout.strip() == "params.yaml: 13 sections valid"
     run(["dvc", "repro"], repo_copy)
 
     # Every stage ran and is recorded: nothing is stale.

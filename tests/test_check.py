@@ -23,7 +23,7 @@ def build(input_shape, n_classes, width=8):
 def test_valid_params_pass(repo_copy):
     assert check_workspace(repo_copy) == []
     result = run(["shrinkflow", "check"], repo_copy)
-    assert result.stdout.strip() == "params.yaml: 12 sections valid"
+    assert result.stdout.strip() == "params.yaml: 13 sections valid"
 
 
 def test_every_problem_in_every_section_is_reported_at_once(repo_copy):
@@ -72,7 +72,7 @@ def test_every_configured_architecture_builds_a_module(repo_copy):
     write_params(repo_copy, params)
     assert sorted(check_workspace(repo_copy)) == [
         "params.yaml:compress.recipes.pruned.steps[0].model: ParamsError: model.arch: unknown architecture "
-        "'resnet9000'; use ['cnn', 'mlp'] or 'module:function'",
+        "'resnet9000'; use ['cnn', 'hf_bert', 'mlp'] or 'module:function'",
         "params.yaml:search.space[0][0].model[1]: ParamsError: model: bad options {'depth': 3} for arch 'mlp' "
         "(mlp() got an unexpected keyword argument 'depth')",
         "params.yaml:student.model: ParamsError: model.arch 'builtins:print' returned None, not a torch.nn.Module",

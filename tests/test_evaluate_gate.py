@@ -42,7 +42,7 @@ def model(lost: int = 0, gained: int = 0, speedup: float = 1.0, interval: tuple 
     correct = correctness(lost, gained)
     n_correct = int(correct.sum())
     metrics = {"accuracy": n_correct / TEST_SAMPLES, "accuracy_ci95": list(wilson_interval(n_correct, TEST_SAMPLES)),
-               "macro_f1": n_correct / TEST_SAMPLES, "parameters": 1000, "nonzero_parameters": 1000,
+               "macro_f1": n_correct / TEST_SAMPLES, "macro_f1_ci95": [0.0, 1.0], "parameters": 1000, "nonzero_parameters": 1000,
                "file_bytes": 10_000, "expanded_bytes": 10_000, "expanded_to_run": False, "size_reduction": 20.0,
                "source": None, "runtime": runtime, "latency_ms_p50": 0.1, "latency_ms_p95": 0.12,
                "throughput_per_s": 1e5, "speedup": speedup, "speedup_interval": list(interval),

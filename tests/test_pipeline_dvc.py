@@ -18,8 +18,8 @@ def stages_run(output: str) -> list[str]:
 
 def test_dvc_repro_end_to_end_then_nothing_then_only_what_changed(repo_copy):
     first = run(["dvc", "repro"], repo_copy)
-    assert stages_run(first.stdout) == ["prepare", "validate", "train_teacher", "train_student", "distill",
-                                        "compress@pruned", "compress@int8", "search", "evaluate", "gate"]
+    assert stages_run(first.stdout) == ["pretrained", "prepare", "validate", "train_teacher", "train_student",
+                                        "distill", "compress@pruned", "compress@int8", "search", "evaluate", "gate"]
     for model in ("teacher", "student", "distilled"):
         assert (repo_copy / "models" / f"{model}.safetensors").is_file()
         assert (repo_copy / "reports" / "curves" / f"{model}.csv").read_text().startswith("epoch,")
@@ -71,6 +71,6 @@ def test_dvc_repro_stops_before_training_on_bad_data(repo_copy):
     assert result.returncode != 0
     assert "features have no NaN or inf" in result.stderr
     assert "labels from the declared classes" in result.stderr
-    assert stages_run(result.stdout) == ["prepare", "validate"]
-    assert not (repo_copy / "models").exists()
+    assert stages_run(result.stdout) == ["pretrained", "prepare", "validate"]
+    assert [p.name for p in (repo_copy / "models").iterdir()] == ["pretrained"]  # no model trained
     assert json.loads((repo_copy / "reports" / "validation.json").read_text())["success"] is False

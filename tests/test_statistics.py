@@ -115,3 +115,20 @@ def test_holm_steps_down_and_decides_the_rest_at_the_level_it_stopped():
     assert levels["b"] == (pytest.approx(0.05 / 2), False)  # 0.04 < 0.05 alone, but Holm stopped before it
     assert list(levels) == ["a", "b", "c", "d"]
     assert holm_levels({"only": 0.049}, 0.05) == {"only": (0.05, True)}
+
+
+def test_macro_f1_interval_brackets_sklearns_macro_f1_and_narrows_with_more_samples():
+    from sklearn.metrics import f1_score
+
+    from tasks.statistics import macro_f1_interval
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (500, 5000):
+        truth = rng.choice(5, n, p=[0.5, 0.3, 0.1, 0.07, 0.03])  # imbalanced, as text labels are
+        predicted = np.where(rng.random(n) < 0.7, truth, rng.integers(0, 5, n))
+        low, high = macro_f1_interval(truth, predicted, 5)
+        assert low < f1_score(truth, predicted, average="macro") < high
+        widths.append(high - low)
+    assert widths[1] < 0.5 * widths[0]
+    assert macro_f1_interval(truth, truth, 5) == (1.0, 1.0)

@@ -148,7 +148,7 @@ def test_bad_architecture_specs_are_named(spec, shape, expected):
 
 
 def test_bad_recipe_is_rejected_by_field():
-    with pytest.raises(ParamsError, match="optimizer: must be sgd or adam"):
+    with pytest.raises(ParamsError, match="optimizer: must be sgd, adam or adamw"):
         TrainParams(optimizer="rmsprop")
     with pytest.raises(ParamsError, match="batch_size: must be at least 1"):
         TrainParams(batch_size=0)

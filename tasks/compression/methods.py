@@ -42,10 +42,12 @@ from tasks.compression.shapes import (
     structure,
 )
 from tasks.compression.structured import structured_prune
+from tasks.compression.transformer import prune_heads_and_mlp
 from tasks.compression.tuning import tune_static
 from tasks.compression.weight_sharing import share_weights
 from tasks.models import BUILT_IN, build_model
 from tasks.params import ModelParams, ParamsError, TrainParams, _require, from_dict
+from tasks.text import example_input, is_text_config, pad_id, trim_vocabulary
 from tasks.training import Split, predict_logits
 
 
@@ -64,6 +66,7 @@ class StepContext:
     finetune: Finetune | None = None  # None in a dry run
     train: Callable[[ModelParams], Any] | None = None  # trains a new architecture from the teacher; None in a dry run
     calibration: np.ndarray | None = None  # inputs that calibrate static int8
+    train_inputs: np.ndarray | None = None  # the whole train split's inputs (trim_vocab); None in a dry run
     validation: Split | None = None  # selects among quantizations (qat, quantize_tuned); never the test split
 
 
@@ -96,6 +99,21 @@ class StructuredPruneSettings:
     def __post_init__(self) -> None:
         _require(0 <= self.ratio < 1, f"ratio: must be in [0, 1), got {self.ratio!r}")
         _require(0 <= self.heads < 1, f"heads: must be in [0, 1), got {self.heads!r}")
+
+
+@dataclass(frozen=True)
+class TransformerPruneSettings:
+    heads: float = 0.5  # fraction of every encoder layer's attention heads removed (one always stays)
+    mlp: float = 0.0  # fraction of every encoder layer's MLP units removed
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.heads < 1, f"heads: must be in [0, 1), got {self.heads!r}")
+        _require(0 <= self.mlp < 1, f"mlp: must be in [0, 1), got {self.mlp!r}")
+
+
+@dataclass(frozen=True)
+class TrimVocabSettings:
+    keep_characters: bool = True  # keep every single-character piece: unseen words split into characters
 
 
 @dataclass(frozen=True)
@@ -171,13 +189,39 @@ def record_structure(config: dict[str, Any], recorded: dict[str, Any]) -> None:
 
 def prune_structure(model: nn.Module, settings: StructuredPruneSettings, context: StepContext) -> nn.Module:
     small, recorded = structured_prune(model, settings.ratio, lambda: architecture(context),
-                                       torch.zeros(2, *context.input_shape), context.finetune, settings.heads)
+                                       example_input(context.config), context.finetune, settings.heads)
     record_structure(context.config, recorded)
     return small
 
 
+def prune_transformer(model: nn.Module, settings: TransformerPruneSettings, context: StepContext) -> nn.Module:
+    small = prune_heads_and_mlp(model, settings.heads, settings.mlp)
+    with torch.device("meta"):
+        record_structure(context.config, structure(small, architecture(context)))
+    return small
+
+
+def trim_vocab(model: nn.Module, settings: TrimVocabSettings, context: StepContext) -> nn.Module:
+    """Keep only the embedding rows of the tokens the train split uses (the embedding is half of MiniLM): the
+    file gets its own, smaller tokenizer. Training texts map to the same vectors, so nothing is fine-tuned;
+    texts with other words split into smaller known pieces."""
+    config = context.config
+    embeddings = getattr(getattr(getattr(model, "bert", None), "embeddings", None), "word_embeddings", None)
+    if not is_text_config(config) or not isinstance(embeddings, nn.Embedding):
+        raise ValueError("trim_vocab needs a Hugging Face BERT-family text model (bert.embeddings.word_embeddings)")
+    if context.train_inputs is None:  # a dry run: no corpus to trim to
+        return model
+    config["tokenizer"], kept = trim_vocabulary(config["tokenizer"], context.train_inputs, settings.keep_characters)
+    embeddings.weight = nn.Parameter(embeddings.weight.detach()[torch.from_numpy(kept)].clone())
+    pad = pad_id(config["tokenizer"])
+    embeddings.padding_idx = model.config.pad_token_id = config["model"]["pad_token_id"] = pad
+    with torch.device("meta"):
+        record_structure(config, structure(model, architecture(context)))
+    return model
+
+
 def prune_layers(model: nn.Module, settings: LayerPruneSettings, context: StepContext) -> nn.Module:
-    small, removed = layer_prune(model, settings.keep_every, torch.zeros(2, *context.input_shape),
+    small, removed = layer_prune(model, settings.keep_every, example_input(context.config),
                                  context.finetune)
     context.config[REMOVED_LAYERS] = [*context.config.get(REMOVED_LAYERS, []), removed]
     if PRUNED_SHAPES in context.config:  # earlier structured pruning: its structure, named as the blocks now are
@@ -250,6 +294,7 @@ class Method:
     finetunes: bool = False  # fine-tuned after the step (from the teacher if the recipe has one)
     needs_teacher: bool = False
     write_onnx: Callable[[nn.Module, Any, StepContext, Path], None] | None = None  # last step only: an ORT model
+    reads_train: bool = False  # gets the train split's inputs (StepContext.train_inputs)
 
 
 METHODS: dict[str, Method] = {
@@ -257,6 +302,9 @@ METHODS: dict[str, Method] = {
     "prune": Method(PruneSettings, prune, finetunes=True),
     "structured_prune": Method(StructuredPruneSettings, prune_structure, finetunes=True),
     "layer_prune": Method(LayerPruneSettings, prune_layers, finetunes=True),
+    "transformer_prune": Method(TransformerPruneSettings, prune_transformer, finetunes=True),
+    # fine-tuning after it would read the data's token ids, not the trimmed tokenizer's: only quantize may follow
+    "trim_vocab": Method(TrimVocabSettings, trim_vocab, reads_train=True),
     "share": Method(ShareSettings, share, finetunes=True),
     "quantize": Method(QuantizeSettings, keep, write_onnx=write_quantized),
     "quantize_tuned": Method(QuantizeTunedSettings, keep, write_onnx=write_tuned),
@@ -296,7 +344,12 @@ def dry_run(steps: list[Step], model: nn.Module, config: dict[str, Any], input_s
     always export. `memo`, shared by the dry runs of one source model, keeps each chain prefix's result and
     the architectures (spec and tensor shapes) already exported, so each is computed once."""
     memo = {} if memo is None else memo
-    example = torch.zeros(2, *input_shape)
+    trimmed = [i for i, s in enumerate(steps) if s.method == "trim_vocab"]
+    after = [s for s in steps[trimmed[0] + 1:] if s.method != "quantize"] if trimmed else []
+    if after:
+        raise NotApplicable(f"{where}.steps[{trimmed[0]}]: trim_vocab can only be followed by quantize (fine-tuning "
+                            f"reads the data's token ids, not the trimmed tokenizer's), not by {after[0].method}")
+    example = example_input(dict(config, input_shape=list(input_shape)))
     for index, step in enumerate(steps):
         prefix = json.dumps(["steps", [dataclasses.asdict(s) for s in steps[:index + 1]]], sort_keys=True)
         if prefix in memo:

@@ -40,6 +40,7 @@ from torch import nn
 from tasks.io import atomic_path
 from tasks.models import CONFIG_KEY, parse_config
 from tasks.params import ParamsError
+from tasks.text import example_ids, is_text_config, pad_id
 
 QUANTIZATION_MODES = ("fp32", "fp16", "int8_dynamic", "int8_static")
 # The exporter logs every torchvision operator it cannot register; shrinkflow exports no torchvision ops.
@@ -75,11 +76,17 @@ def export_onnx(model: nn.Module, path: str | Path, config: dict[str, Any]) -> N
     arch = config["model"]["arch"]
     model = model.eval()
     device = next(model.parameters(), torch.empty(0)).device
-    example = torch.zeros(EXAMPLE_BATCH, *config["input_shape"], device=device)
+    dynamic = {0: torch.export.Dim("batch")}
+    if is_text_config(config):
+        # token ids, and the length dynamic too: a text is as long as its tokens, up to max_length
+        max_length = config["input_shape"][0]
+        example = example_ids(config, EXAMPLE_BATCH, max(2, min(7, max_length - 1)), torch.Generator().manual_seed(0))
+        dynamic[1] = torch.export.Dim("length", max=max_length)
+    else:
+        example = torch.zeros(EXAMPLE_BATCH, *config["input_shape"])
     try:
         # torch.export itself, not the ONNX exporter's fallbacks, which silently fix the batch size.
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                      strict=False)
+        program = torch.export.export(model, (example.to(device),), dynamic_shapes=(dynamic,), strict=False)
     except Exception as e:  # the model's own code runs while traced and may raise anything
         reason = " ".join(str(e).splitlines()[:2])
         raise OnnxExportError(f"architecture {arch!r}: cannot export to ONNX with a dynamic batch dimension "
@@ -92,6 +99,9 @@ def export_onnx(model: nn.Module, path: str | Path, config: dict[str, Any]) -> N
         # The exporter's debug notes (stack traces with local paths, fx nodes) would make the bytes depend
         # on where the code is checked out, and outweigh a small model's weights.
         del node.metadata_props[:]
+    # Shapes the exporter inferred for intermediate values; ONNX Runtime infers its own, and stale ones
+    # (a transformer's attention reshapes) make its quantizer fail.
+    del exported.graph.value_info[:]
     onnx.checker.check_model(exported)
     check_dynamic_batch(exported, model, config)
     save_onnx(exported, path, config)
@@ -109,7 +119,11 @@ def check_dynamic_batch(exported: onnx.ModelProto, model: nn.Module, config: dic
     device = next(model.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(0)
     for batch in CHECK_BATCHES:
-        x = torch.rand(batch, *config["input_shape"], generator=generator)
+        if is_text_config(config):  # a short batch and a full-length one with a padded row
+            x = example_ids(config, batch, 5 if batch == 1 else config["input_shape"][0], generator)
+            x[0, x.shape[1] // 2 :] = pad_id(config["tokenizer"])
+        else:
+            x = torch.rand(batch, *config["input_shape"], generator=generator)
         with torch.no_grad():
             expected = model(x.to(device)).cpu().numpy()
         try:
@@ -182,6 +196,9 @@ def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[
     """Quantize the float32 ONNX model at `source` and write it to `path` (`scheme`: int8_static only)."""
     if mode not in QUANTIZATION_MODES:
         raise ParamsError(f"quantize.mode: unknown mode {mode!r}; use one of {list(QUANTIZATION_MODES)}")
+    if mode == "int8_static" and is_text_config(config):
+        raise ParamsError("quantize.mode: int8_static calibrates the ranges of float inputs; a text model takes "
+                          "token ids: use int8_dynamic, the standard CPU path for transformers")
     if mode == "int8_static" and (calibration is None or len(calibration) == 0):
         raise ParamsError("quantize.mode: int8_static needs calibration data")
     if mode == "fp32":
@@ -189,7 +206,9 @@ def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[
         return
     with tempfile.TemporaryDirectory() as scratch:
         prepared, quantized = Path(scratch) / "prepared.onnx", Path(scratch) / "quantized.onnx"
-        quant_pre_process(str(source), str(prepared))
+        # ONNX Runtime's symbolic shape inference cannot follow a transformer's length-dependent slices
+        # (position ids); its quantizer works without that pre-processing.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=is_text_config(config))
         if mode.startswith("int8"):
             onnx.save_model(unshare_initializers(onnx.load_model(str(prepared))), str(prepared))
         if mode == "int8_dynamic":
@@ -209,7 +228,7 @@ def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[
 def onnx_accuracy(path: str | Path, X: np.ndarray, y: np.ndarray) -> float:
     """Accuracy in percent of the ONNX model at `path` on inputs `X` with class indices `y`."""
     session = OnnxClassifier(path)
-    predicted = np.concatenate([session.run_native(np.ascontiguousarray(X[i : i + 1024], dtype=np.float32))
+    predicted = np.concatenate([session.run_native(session.native_input(X[i : i + 1024]))
                                 for i in range(0, len(X), 1024)]).argmax(axis=1)
     return float(100 * (predicted == y).mean())
 
@@ -226,14 +245,15 @@ class OnnxClassifier:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # float32 features, or a text model's int64 token ids
+        self.dtype = np.int64 if self.session.get_inputs()[0].type == "tensor(int64)" else np.float32
 
     def eval(self) -> OnnxClassifier:
         return self
 
-    @staticmethod
-    def native_input(x: torch.Tensor) -> np.ndarray:
-        """The session's input type: a C-contiguous float32 array (no copy when `x` already is one)."""
-        return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    def native_input(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The session's input type, C-contiguous (no copy when `x` already is)."""
+        return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=self.dtype)
 
     def run_native(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT], {INPUT: x})[0]

