@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tasks.io import atomic_path, run_main
 from tasks.params import PARAMS_FILE, ParamsError, PretrainedParams, load_section
+from tasks.text import TokenizerError, load_tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 SUPPORTED_MODEL_TYPE = "bert"
@@ -79,7 +80,6 @@ def check_model_files(model_dir: Path, origin: Path) -> None:
     """The copied files read as data only: a BERT-family config, a safetensors header, a tokenizer.
     Errors name the files in `origin`, where the user can find them."""
     from safetensors import SafetensorError, safe_open
-    from tokenizers import Tokenizer
 
     try:
         config = json.loads((model_dir / "config.json").read_text())
@@ -94,10 +94,10 @@ def check_model_files(model_dir: Path, origin: Path) -> None:
             f.keys()
     except SafetensorError as e:
         raise PretrainedError(f"{origin / 'model.safetensors'}: not a readable safetensors file ({e})") from None
-    try:
-        Tokenizer.from_str((model_dir / "tokenizer.json").read_text())
-    except Exception as e:  # the Rust parser raises plain Exception
-        raise PretrainedError(f"{origin / 'tokenizer.json'}: not a tokenizer `tokenizers` can read ({e})") from None
+    try:  # as every stage parses it (tasks/text.py), size limit included
+        load_tokenizer((model_dir / "tokenizer.json").read_text(), 3, str(origin / "tokenizer.json"))
+    except TokenizerError as e:
+        raise PretrainedError(str(e)) from None
 
 
 def fetch_pretrained(params: PretrainedParams, out_dir: Path) -> dict:
