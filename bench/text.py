@@ -4,8 +4,10 @@ Writes a fixed seeded subset of ../shared/data/wordnet-supersenses/nouns.csv.gz 
 repo (bench/out/text): one row per distinct text (case and whitespace normalised, as prepare groups them)
 with its majority label, then 15,000 rows stratified by label, which prepare splits 8,000 / 2,000 / 5,000.
 Runs the real `dvc repro` there, stage by stage, with the params in bench/text.yaml; then fits a TF-IDF +
-logistic regression baseline on the same prepared splits, and trains the student from scratch and by
-distillation over several seeds. Prints the figures issue 13 sets targets for. Nothing here asserts: it reports.
+logistic regression baseline on the same prepared splits, and compares scratch training with distillation
+over several seeds, twice: the small student (the train_student and distill stages), and the DistilBERT-style
+student of recipe distil2 (two teacher layers, distilled) against the same shape from random initialisation with
+the same fine-tuning recipe. Prints the figures issue 13 sets targets for. Nothing here asserts: it reports.
 
     python bench/text.py [--seeds 3] [--out bench/out/text] [--reuse] [--smoke]
 
@@ -18,6 +20,7 @@ distillation over several seeds. Prints the figures issue 13 sets targets for. N
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -34,8 +37,9 @@ from sklearn.pipeline import make_union
 from torch import nn
 
 from flows.stages import load_stages, topological_order
+from tasks.compress import CompressParams, compress, finetune_recipe, parse_recipe
 from tasks.io import read_json
-from tasks.models import load_model
+from tasks.models import load_model, read_config
 from tasks.params import DistillParams, ModelParams, from_dict
 from tasks.prepare import SPLITS
 from tasks.statistics import paired_comparison
@@ -48,6 +52,7 @@ ROWS = 15_000
 SMOKE_CLASSES = ["animal", "artifact", "food", "person"]
 SMOKE_ROWS = 240
 C_VALUES = (1.0, 3.0, 10.0, 30.0)  # the baseline's inverse regularisation, picked on validation
+LAYERS_RECIPE = "distil2"  # its first step keeps teacher layers; the seeds compare it with random initialisation
 
 
 def write_subset(source: Path, target: Path, classes: list[str], rows: int, seed: int) -> dict[str, int]:
@@ -75,6 +80,9 @@ def smoke_params(params: dict) -> dict:
                                    "num_attention_heads": 2, "intermediate_size": 64},
                          "train": {**params["student"]["train"], **tiny}}
     params["evaluate"].update(rounds=3, warmup=2, latency_repeats=10, throughput_batch=16, throughput_repeats=1)
+    for recipe in params["compress"]["recipes"].values():
+        if "finetune" in recipe:
+            recipe["finetune"]["epochs"] = 1
     return params
 
 
@@ -123,6 +131,37 @@ def seed_runs(workspace: Path, params: dict, seeds: int) -> dict[int, dict[str, 
     return runs
 
 
+def layer_seed_runs(workspace: Path, params: dict, seeds: int) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per seed: recipe LAYERS_RECIPE's first step (teacher layers kept, distilled; fp32) against a model of the
+    same shape from random initialisation trained on the labels with the same fine-tuning recipe and seed."""
+    prepared = workspace / "data" / "prepared"
+    test = load_split(prepared, "test", read_json(prepared / "schema.json")["classes"])
+    teacher_path = workspace / "models" / "teacher.safetensors"
+    teacher_config = read_config(teacher_path)
+    compress_params = from_dict(CompressParams, params["compress"], "compress")
+    distill = from_dict(DistillParams, params["distill"], "distill")
+    raw = params["compress"]["recipes"][LAYERS_RECIPE]
+    runs = {}
+    for seed in range(seeds):
+        overrides = {**compress_params.finetune, **raw.get("finetune", {}), "seed": seed}
+        kept = workspace / "models" / "candidates" / LAYERS_RECIPE / "step1-layer_prune.safetensors"
+        if seed == teacher_config["train"]["seed"] and kept.exists():
+            distilled = load_model(kept)[0]
+        else:
+            out = workspace / "seeds" / f"{LAYERS_RECIPE}-{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            recipe = parse_recipe(LAYERS_RECIPE, {**raw, "finetune": overrides, "steps": raw["steps"][:1]})
+            chain = compress(recipe, prepared, teacher_path, teacher_path, out, compress_params, distill)
+            distilled = load_model(chain[-1].file)[0]
+        shape = {**teacher_config["model"], "num_hidden_layers": len(distilled.bert.encoder.layer)}
+        train = dataclasses.asdict(finetune_recipe(teacher_config, overrides))
+        scratch = train_model(prepared, from_dict(ModelParams, {"model": shape, "train": train}, "student"),
+                              role="student").model
+        runs[seed] = {"student": test_scores(scratch, test), "distilled": test_scores(distilled, test)}
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, help="student seeds 0..N-1 for scratch vs distilled (default 3; smoke 1)")
@@ -154,10 +193,13 @@ def main() -> None:
     os.chdir(workspace)  # stages resolve models/pretrained and params.yaml from the workspace
     prepared = workspace / "data" / "prepared"
     baseline = tfidf_baseline(prepared)
-    runs = seed_runs(workspace, params, seeds)
+    comparisons = {"the small student (train_student and distill stages)": seed_runs(workspace, params, seeds)}
+    if LAYERS_RECIPE in params["compress"]["recipes"]:
+        comparisons[f"{LAYERS_RECIPE}'s layers (teacher layers, distilled) against the same shape from random "
+                    f"initialisation"] = layer_seed_runs(workspace, params, seeds)
     report(subset, read_json(prepared / "schema.json"), read_json(workspace / "reports" / "evaluation.json"),
            pd.read_csv(workspace / "reports" / "predictions.csv", dtype=str), stage_times, teacher_trained,
-           baseline, runs)
+           baseline, comparisons, params["compress"]["recipes"])
 
 
 def met(ok: bool) -> str:
@@ -188,7 +230,7 @@ def gap_closed(teacher: float, scratch: float, distilled: float) -> float:
 
 
 def report(subset: dict, schema: dict, evaluation: dict, predictions: pd.DataFrame, stage_times: dict[str, float],
-           teacher_trained: bool, baseline: dict, runs: dict) -> None:
+           teacher_trained: bool, baseline: dict, comparisons: dict[str, dict], recipes: dict[str, dict]) -> None:
     models = evaluation["models"]
     teacher = models["teacher"]
     fastest = evaluation["reference_runtime"]
@@ -240,7 +282,9 @@ def report(subset: dict, schema: dict, evaluation: dict, predictions: pd.DataFra
     def goals(m: dict) -> tuple[bool, bool, bool]:
         return m["accuracy"] >= 0.97 * teacher["accuracy"], m["size_reduction"] >= 10, m["speedup"] >= 5
 
-    distilled = {n: m for n, m in models.items() if n == "distilled" or m["source"] == "distilled"}
+    # the distilled stage, what is made from it, and recipes fine-tuned by distillation from the teacher
+    distilled = {n: m for n, m in models.items() if n == "distilled" or m["source"] == "distilled"
+                 or recipes.get(n, {}).get("teacher")}
     name, best = max(distilled.items(), key=lambda item: (sum(goals(item[1])), item[1]["accuracy"]))
     retained, smaller, faster = goals(best)
     print(f"- best distilled candidate, {name} (most targets met, then accuracy): retains "
@@ -248,13 +292,17 @@ def report(subset: dict, schema: dict, evaluation: dict, predictions: pd.DataFra
           f"{met(retained)}), {best['size_reduction']:.1f}x smaller (target >= 10x: {met(smaller)}), p50 "
           f"{best['speedup']:.2f}x faster on {best['runtime']} (target >= 5x: {met(faster)})")
 
-    if not runs:
-        return
-    print(f"\n## Distillation against scratch training, {len(runs)} student seed(s) (test split)\n")
+    for title, runs in comparisons.items():
+        if runs:
+            seed_table(title, teacher["accuracy"], runs)
+
+
+def seed_table(title: str, teacher_accuracy: float, runs: dict) -> None:
+    print(f"\n## Distillation against scratch training: {title}, {len(runs)} seed(s) (test split)\n")
     rows, closed = [], []
     for seed, run in runs.items():
         (scratch, scratch_f1), (distill, distill_f1) = run["student"], run["distilled"]
-        closed.append(gap_closed(teacher["accuracy"], scratch, distill))
+        closed.append(gap_closed(teacher_accuracy, scratch, distill))
         rows.append([str(seed), f"{100 * scratch:.2f}%", f"{scratch_f1:.4f}", f"{100 * distill:.2f}%",
                      f"{distill_f1:.4f}", f"{100 * closed[-1]:.0f}%"])
     column = {key: [run[role][i] for run in runs.values()]
@@ -266,10 +314,9 @@ def report(subset: dict, schema: dict, evaluation: dict, predictions: pd.DataFra
     table(["seed", "scratch accuracy", "scratch macro-F1", "distilled accuracy", "distilled macro-F1",
            "gap to teacher closed"], rows)
     scratch = statistics.mean(column["scratch"])
-    closed_mean = gap_closed(teacher["accuracy"], scratch, statistics.mean(column["distilled"]))
-    print(f"\nof the mean scratch-to-teacher gap ({100 * (teacher['accuracy'] - scratch):.2f} pts), distillation "
+    closed_mean = gap_closed(teacher_accuracy, scratch, statistics.mean(column["distilled"]))
+    print(f"\nof the mean scratch-to-teacher gap ({100 * (teacher_accuracy - scratch):.2f} pts), distillation "
           f"closes {100 * closed_mean:.0f}% (target >= 50%: {met(closed_mean >= 0.5)})")
-
 
 if __name__ == "__main__":
     main()

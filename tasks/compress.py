@@ -20,7 +20,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Recipe:
     source: str
     teacher: str  # "" when no step and no fine-tuning uses a teacher
     steps: list[Step]
+    finetune: dict[str, Any] = field(default_factory=dict)  # this recipe's overrides over compress.finetune
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,13 @@ def parse_recipe(name: str, raw: Any, where: str = "compress.recipes") -> Recipe
     where = f"{where}.{name}"
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping with source and steps, got {raw!r}")
-    unknown = set(raw) - {"source", "teacher", "steps"}
+    unknown = set(raw) - {"source", "teacher", "steps", "finetune"}
     if unknown:
-        raise ParamsError(f"{where}: unknown keys {sorted(unknown)} (allowed: source, teacher, steps)")
+        raise ParamsError(f"{where}: unknown keys {sorted(unknown)} (allowed: source, teacher, steps, finetune)")
+    finetune = raw.get("finetune", {})
+    if not isinstance(finetune, dict):
+        raise ParamsError(f"{where}.finetune: a mapping of training overrides, got {finetune!r}")
+    from_dict(TrainParams, {**dataclasses.asdict(TrainParams()), **finetune}, f"{where}.finetune")
     source, teacher = raw.get("source"), raw.get("teacher", "")
     if source not in BASE_MODELS:
         raise ParamsError(f"{where}.source: must be one of {list(BASE_MODELS)}, got {source!r}")
@@ -95,7 +100,7 @@ def parse_recipe(name: str, raw: Any, where: str = "compress.recipes") -> Recipe
         if METHODS[step.method].write_onnx is not None and i != len(steps) - 1:
             raise ParamsError(f"{where}.steps[{i}]: {step.method} must be the last step "
                               f"(its ONNX Runtime model cannot be fine-tuned further)")
-    return Recipe(name, source, teacher, steps)
+    return Recipe(name, source, teacher, steps, finetune)
 
 
 def load_recipes(params: CompressParams) -> dict[str, Recipe]:
@@ -151,8 +156,8 @@ def compress(
 
     for index, step in enumerate(recipe.steps, start=1):
         parent = chain[-1]
-        prefix = json.dumps([chain[0].sha256, recipe.teacher, [dataclasses.asdict(s) for s in recipe.steps[:index]]],
-                            sort_keys=True)
+        prefix = json.dumps([chain[0].sha256, recipe.teacher, recipe.finetune,
+                             [dataclasses.asdict(s) for s in recipe.steps[:index]]], sort_keys=True)
         if memo is not None and prefix in memo:
             model, config, link = memo[prefix]
             model = copy.deepcopy(model)
@@ -160,16 +165,17 @@ def compress(
             chain.append(dataclasses.replace(link, file=str(out_dir / Path(link.file).name)))
             continue
         method = METHODS[step.method]
-        finetune = None
+        finetune, finetune_params = None, None
         if method.finetunes:
-            finetune = make_finetune(prepared_dir, finetune_recipe(config, params.finetune),
-                                     desc=f"{recipe.name}:{step.method}", teacher_path=teacher,
-                                     distill=distill_params if teacher else None)
+            finetune_params = finetune_recipe(config, {**params.finetune, **recipe.finetune})
+            finetune = make_finetune(prepared_dir, finetune_params, desc=f"{recipe.name}:{step.method}",
+                                     teacher_path=teacher, distill=distill_params if teacher else None)
         step_config = copy.deepcopy(config)
         step_config.update(role=f"{recipe.name}/step{index}",
                            compression={"recipe": recipe.name, "step": index, "method": step.method,
                                         "settings": step.settings, "parent_sha256": parent.sha256,
-                                        "parent_file": Path(parent.file).name})
+                                        "parent_file": Path(parent.file).name,
+                                        "finetune": finetune_params and dataclasses.asdict(finetune_params)})
         context = StepContext(step_config, schema["input_shape"], len(schema["classes"]), finetune=finetune,
                               train=functools.partial(train_model, prepared_dir, role=step_config["role"],
                                                       teacher_path=teacher, distill=distill_params))

@@ -126,9 +126,12 @@ def bert_classifier_class() -> type[nn.Module]:
         """Token ids [batch, length] in, logits out. The attention mask is the ids that are not padding, so
         the model, and its ONNX graph, take one input; a padded row gives what the same text alone gives."""
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor, hidden: bool = False
+                    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            """Logits; with `hidden`, also every encoder layer's output (for intermediate-layer distillation)."""
             mask = (input_ids != self.config.pad_token_id).long()
-            return super().forward(input_ids=input_ids, attention_mask=mask).logits
+            output = super().forward(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden)
+            return (output.logits, output.hidden_states[1:]) if hidden else output.logits
 
     return BertTextClassifier
 

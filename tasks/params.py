@@ -192,10 +192,14 @@ class ModelParams:
 class DistillParams:
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the soft-target loss; 1 - alpha goes to the hard labels
+    # weight of TinyBERT's intermediate-layer loss (text models): each student encoder layer's output
+    # against the teacher layer at the same relative depth; 0 turns it off
+    hidden_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _require(0 <= self.alpha <= 1, f"alpha: must be in [0, 1], got {self.alpha}")
+        _require(self.hidden_weight >= 0, f"hidden_weight: must be >= 0, got {self.hidden_weight}")
 
 
 @dataclass(frozen=True)

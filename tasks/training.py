@@ -210,6 +210,39 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return params.alpha * soft + (1 - params.alpha) * hard_label_loss(logits, labels, mix)
 
 
+class HiddenMatch(nn.Module):
+    """TinyBERT's intermediate-layer loss (Jiao et al. 2020): student encoder layer i of S against teacher
+    layer (i + 1)·T/S − 1, the same relative depth (a DistilBERT-style student of every other layer meets
+    the layers after the ones it kept), as the MSE over non-padding tokens, through a learned projection
+    when the widths differ. Only the student's file is kept: the projection exists for training alone."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, seed: int) -> None:
+        super().__init__()
+        (student_layers, student_width), (teacher_layers, teacher_width) = (
+            encoder_shape(student, "student"), encoder_shape(teacher, "teacher"))
+        self.pairs = [(i, (i + 1) * teacher_layers // student_layers - 1) for i in range(student_layers)]
+        self.projection: nn.Module = nn.Identity()
+        if student_width != teacher_width:
+            self.projection = nn.Linear(student_width, teacher_width, bias=False)
+            nn.init.normal_(self.projection.weight, std=student_width ** -0.5,
+                            generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                tokens: torch.Tensor) -> torch.Tensor:
+        weight = tokens.unsqueeze(-1).to(student[0].dtype) / (tokens.sum() * teacher[0].shape[-1])
+        return torch.stack([((self.projection(student[i]) - teacher[j]) ** 2 * weight).sum()
+                            for i, j in self.pairs]).mean()
+
+
+def encoder_shape(model: nn.Module, role: str) -> tuple[int, int]:
+    """(encoder layers, hidden width) of a Hugging Face BERT-family model."""
+    encoder = getattr(getattr(model, "bert", None), "encoder", None)
+    if encoder is None:
+        raise ValueError(f"distill.hidden_weight: the {role} ({type(model).__name__}) has no BERT encoder whose "
+                         f"layers could be matched; intermediate-layer distillation needs hf_bert models")
+    return len(encoder.layer), model.config.hidden_size
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024,
                    device: torch.device | None = None, pad_id: int | None = None) -> torch.Tensor:
@@ -293,13 +326,19 @@ def fit(
     batch_size = min(recipe.batch_size, len(train.X))
     steps_per_epoch = math.ceil(len(train.X) / batch_size)
     total_steps = steps_per_epoch * recipe.epochs
-    optimizer = make_optimizer(model, recipe)
+    match = None
+    if teacher is not None and distill is not None and distill.hidden_weight:
+        match = HiddenMatch(model, teacher, recipe.seed).to(device)
+    trained = nn.ModuleList([model, match]) if match is not None else model  # the projection learns too
+    optimizer = make_optimizer(trained, recipe)
     data_rng = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same order on every device
     history: list[dict[str, float]] = []
     start_epoch = 0
     resumed = shared_checkpoint(checkpoint, fingerprint, replica)
     if resumed:
         model.load_state_dict(resumed["model"])
+        if match is not None:
+            match.load_state_dict(resumed["hidden_match"])
         optimizer.load_state_dict(resumed["optimizer"])
         torch.set_rng_state(resumed["torch_rng"])
         if device.type == "cuda":
@@ -310,7 +349,7 @@ def fit(
     cached_teacher_logits = None
     if teacher is not None:
         teacher.to(device).eval()
-        if distill is not None and not (recipe.augment_shift or recipe.mixup):
+        if distill is not None and match is None and not (recipe.augment_shift or recipe.mixup):
             # the teacher sees fixed inputs: its logits once, not at every step
             cached_teacher_logits = predict_logits(teacher, train.X, device=device, pad_id=train.pad_id)
     # DDP all-reduces (averages) the gradients of the processes in backward()
@@ -350,8 +389,16 @@ def fit(
                                        enabled=replica.world_size > 1):
                 if replica.world_size > 1:
                     torch.manual_seed(replica_seed(recipe.seed, replica.rank, step))
-                logits = forward(x)
-            if teacher is not None and distill is not None:
+                if match is not None:
+                    logits, student_hidden = forward(x, hidden=True)
+                else:
+                    logits = forward(x)
+            if match is not None:
+                with torch.no_grad():
+                    teacher_logits, teacher_hidden = teacher(x, hidden=True)
+                loss = (distillation_loss(logits, teacher_logits, y, distill, mix) + distill.hidden_weight
+                        * match(student_hidden, teacher_hidden, x != train.pad_id))
+            elif teacher is not None and distill is not None:
                 if cached_teacher_logits is not None:
                     teacher_logits = cached_teacher_logits[idx][shard].to(device)
                 else:
@@ -367,8 +414,12 @@ def fit(
                 (loss * (replica.world_size * len(y) / len(idx))).backward()
             else:
                 loss.backward()
+            if match is not None and replica.world_size > 1:
+                for weight in match.parameters():  # outside DDP's model: averaged here as DDP averages
+                    dist.all_reduce(weight.grad)
+                    weight.grad /= replica.world_size
             if recipe.clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+                nn.utils.clip_grad_norm_(trained.parameters(), recipe.clip_norm)
             optimizer.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -391,6 +442,8 @@ def fit(
             state = {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                      "data_rng": data_rng.get_state(), "history": history}
+            if match is not None:
+                state["hidden_match"] = match.state_dict()
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             with atomic_path(checkpoint) as tmp:

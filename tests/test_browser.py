@@ -23,7 +23,6 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tasks.registry import open_registry
-from tasks.workspace import ROOT
 from tests.test_deployment import PrefectServer, start_prefect_server, stop
 from tests.test_promotion import built_repo  # noqa: F401  (a fixture: the pipeline run once by `dvc repro`)
 

@@ -17,13 +17,14 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 from conftest import run, tiny_params
+from tasks.compress import CompressParams, compress, parse_recipe
 from tasks.compression.methods import METHODS, StepContext, TransformerPruneSettings, TrimVocabSettings
 from tasks.compression.quantization import OnnxClassifier, export_onnx
-from tasks.models import ModelFileError, load_model, read_config, save_model
+from tasks.models import ModelFileError, build_model, load_model, read_config, save_model
 from tasks.evaluate import measure_speeds, runner
-from tasks.params import DataParams, EvaluateParams, ModelParams, TrainParams, from_dict
+from tasks.params import DataParams, DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.prepare import DataError, prepare, write_prepared
-from tasks.training import bucketed, learning_rate, load_split, model_split, train_model
+from tasks.training import HiddenMatch, bucketed, learning_rate, load_split, model_split, train_model
 from tasks.text import normalise_text
 from tasks.workspace import ROOT, copy_pipeline, write_params
 
@@ -63,7 +64,8 @@ def text_params() -> dict:
     params["compress"] = {"finetune": {"epochs": 1}, "calibration_samples": 32, "recipes": {
         "int8_teacher": {"source": "teacher", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
         "fp16_teacher": {"source": "teacher", "steps": [{"method": "quantize", "mode": "fp16"}]},
-        "thin": {"source": "teacher", "teacher": "teacher", "steps": [  # DistilBERT's alternate layers, then heads
+        "thin": {"source": "teacher", "teacher": "teacher", "finetune": {"epochs": 2}, "steps": [  # DistilBERT's
+            # alternate layers, then heads
             {"method": "layer_prune", "keep_every": 2}, {"method": "transformer_prune", "heads": 0.5, "mlp": 0.5},
             {"method": "quantize", "mode": "int8_dynamic"}]},
         "int8_distilled": {"source": "distilled", "steps": [{"method": "quantize", "mode": "int8_dynamic"}]},
@@ -132,6 +134,7 @@ def test_dvc_repro_fine_tunes_the_pretrained_teacher_compresses_it_and_predict_r
     thin = text_repo / "models" / "candidates" / "thin"
     half = read_config(thin / "step1-layer_prune.safetensors")
     assert half["removed_layers"] == [["bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.5"]]
+    assert half["compression"]["finetune"]["epochs"] == 2  # the recipe's own, over compress.finetune's 1
     narrow, _ = load_model(thin / "step2-transformer_prune.safetensors")
     for layer in narrow.bert.encoder.layer:  # 6 of 12 heads of 32 dimensions, 768 of 1536 MLP units
         assert layer.attention.self.query.weight.shape == (192, 384)
@@ -320,3 +323,76 @@ def test_text_latency_is_measured_per_text_length_and_reported_for_short_and_lon
     speed = measure_speeds({"model": runner(trained.model)}, X, params, test.pad_id)["model"]
     assert speed["tokens_short"] <= 9 < 15 <= speed["tokens_long"]
     assert speed["latency_ms_p50_short"] > 0 and speed["latency_ms_p50_long"] > 0
+
+
+def layer_distance(student: torch.nn.Module, teacher: torch.nn.Module, X: torch.Tensor, pad: int) -> float:
+    """Mean squared distance of each student encoder layer's output to the teacher layer at the same depth."""
+    student.eval(), teacher.eval()
+    tokens = (X != pad).unsqueeze(-1)
+    with torch.no_grad():
+        (_, ours), (_, theirs) = student(X, hidden=True), teacher(X, hidden=True)
+    step = len(theirs) // len(ours)
+    return float(np.mean([((a - theirs[(i + 1) * step - 1]) ** 2 * tokens).sum() / (tokens.sum() * a.shape[-1])
+                          for i, a in enumerate(ours)]))
+
+
+def test_intermediate_layer_distillation_pulls_each_student_layer_toward_the_teachers(text_dir, tmp_path):
+    teacher_spec = dict(TINY_BERT, num_hidden_layers=4)
+    teacher = train_model(text_dir, from_dict(ModelParams, {"model": teacher_spec, "train": dict(ADAMW, lr=1.0e-3,
+                                                            epochs=4)}, "teacher"), role="teacher")
+    save_model(teacher.model, tmp_path / "teacher.safetensors", teacher.config)
+    logits_only = DistillParams(temperature=2.0, alpha=0.7)
+    layers_too = DistillParams(temperature=2.0, alpha=0.7, hidden_weight=1.0)
+    student = tiny_bert_params(epochs=4)
+    train = load_split(text_dir, "train", CLASSES)
+    distance = {}
+    for name, params in (("logits", logits_only), ("layers", layers_too)):
+        distilled = train_model(text_dir, student, role="distilled", teacher_path=tmp_path / "teacher.safetensors",
+                                distill=params)
+        distance[name] = layer_distance(distilled.model, teacher.model, train.X, train.pad_id)
+    assert distance["layers"] < 0.5 * distance["logits"], distance
+
+    # a narrower student learns through a projection, which a resumed run restores with the model
+    narrow = from_dict(ModelParams, {"model": dict(TINY_BERT, hidden_size=16, num_attention_heads=2,
+                                                   intermediate_size=32), "train": dict(ADAMW, lr=1.0e-3, epochs=2)},
+                       "student")
+    checkpoint = tmp_path / "narrow.pt"
+
+    def crash_after_first_epoch(epoch, _row):
+        if epoch == 1:
+            raise RuntimeError("crash")
+
+    arguments = dict(role="distilled", teacher_path=tmp_path / "teacher.safetensors", distill=layers_too)
+    with pytest.raises(RuntimeError):
+        train_model(text_dir, narrow, checkpoint=checkpoint, on_epoch_end=crash_after_first_epoch, **arguments)
+    assert "hidden_match" in torch.load(checkpoint, weights_only=False)
+    resumed = train_model(text_dir, narrow, checkpoint=checkpoint, **arguments)
+    straight = train_model(text_dir, narrow, **arguments)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_intermediate_layer_distillation_names_a_model_without_an_encoder():
+    image_model = build_model({"arch": "mlp", "hidden": [8]}, [1, 8, 8], 3)
+    with pytest.raises(ValueError, match=r"distill.hidden_weight: the student \(Sequential\) has no BERT encoder"):
+        HiddenMatch(image_model, image_model, seed=0)
+
+
+def test_a_recipe_overrides_the_fine_tuning_epochs_of_compress_finetune(text_dir, tmp_path):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    save_model(trained.model, tmp_path / "student.safetensors", trained.config)
+    raw = {"source": "student", "steps": [{"method": "layer_prune", "keep_every": 2}]}
+    params = CompressParams(finetune={"epochs": 1}, recipes={})
+    weights = {}
+    for name, recipe in (("shared", parse_recipe("shared", raw)),
+                         ("own", parse_recipe("own", dict(raw, finetune={"epochs": 3, "lr": 2.0e-3})))):
+        out = tmp_path / name
+        out.mkdir()
+        chain = compress(recipe, text_dir, tmp_path / "student.safetensors", None, out, params, DistillParams())
+        pruned, config = load_model(chain[-1].file)
+        finetune = config["compression"]["finetune"]
+        weights[name] = pruned.classifier.weight
+        assert (finetune["epochs"], finetune["lr"]) == ({"shared": (1, 1.0e-3), "own": (3, 2.0e-3)}[name])
+    assert not torch.equal(weights["shared"], weights["own"])
+    with pytest.raises(ParamsError, match=r"compress.recipes.bad.finetune: unknown field\(s\) \['epoch'\]"):
+        parse_recipe("bad", dict(raw, finetune={"epoch": 3}))
