@@ -141,10 +141,10 @@ def layer_seed_runs(workspace: Path, params: dict, seeds: int) -> dict[int, dict
     compress_params = from_dict(CompressParams, params["compress"], "compress")
     distill = from_dict(DistillParams, params["distill"], "distill")
     raw = params["compress"]["recipes"][LAYERS_RECIPE]
+    kept = workspace / "models" / "candidates" / LAYERS_RECIPE / "step1-layer_prune.safetensors"  # the pipeline's
     runs = {}
     for seed in range(seeds):
         overrides = {**compress_params.finetune, **raw.get("finetune", {}), "seed": seed}
-        kept = workspace / "models" / "candidates" / LAYERS_RECIPE / "step1-layer_prune.safetensors"
         if seed == teacher_config["train"]["seed"] and kept.exists():
             distilled = load_model(kept)[0]
         else:

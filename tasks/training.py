@@ -329,8 +329,8 @@ def fit(
     match = None
     if teacher is not None and distill is not None and distill.hidden_weight:
         match = HiddenMatch(model, teacher, recipe.seed).to(device)
-    trained = nn.ModuleList([model, match]) if match is not None else model  # the projection learns too
-    optimizer = make_optimizer(trained, recipe)
+    learned = nn.ModuleList([model, match]) if match is not None else model  # the projection learns too
+    optimizer = make_optimizer(learned, recipe)
     data_rng = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same order on every device
     history: list[dict[str, float]] = []
     start_epoch = 0
@@ -419,7 +419,7 @@ def fit(
                     dist.all_reduce(weight.grad)
                     weight.grad /= replica.world_size
             if recipe.clip_norm:
-                nn.utils.clip_grad_norm_(trained.parameters(), recipe.clip_norm)
+                nn.utils.clip_grad_norm_(learned.parameters(), recipe.clip_norm)
             optimizer.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
