@@ -154,11 +154,11 @@ def check_workspace(root: Path) -> list[str]:
         except (ValueError, OSError) as e:
             problems.append(f"{PARAMS_FILE}: {e}")
         specs = list(configured_model_specs(params))
-        if "distill" in parsed and parsed["distill"].hidden_weight:
-            encoderless = [where for where, spec in specs if spec["arch"] != "hf_bert"]
-            if encoderless:
-                problems.append(f"{PARAMS_FILE}:distill.hidden_weight: matching layer outputs needs BERT encoders "
-                                f"(hf_bert) on both sides; not hf_bert: {encoderless}")
+        encoderless = [where for where, spec in specs if spec["arch"] != "hf_bert"]
+        for setting in ("hidden_weight", "attention_weight"):
+            if "distill" in parsed and getattr(parsed["distill"], setting) and encoderless:
+                problems.append(f"{PARAMS_FILE}:distill.{setting}: distilling from inside the layers needs BERT "
+                                f"encoders (hf_bert) on both sides; not hf_bert: {encoderless}")
         if any(":" in spec["arch"] for _, spec in specs):
             problems += user_architecture_problems(root, params, specs, shape, n_classes)
         else:

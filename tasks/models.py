@@ -128,10 +128,11 @@ def bert_classifier_class() -> type[nn.Module]:
 
         def forward(self, input_ids: torch.Tensor, hidden: bool = False
                     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-            """Logits; with `hidden`, also every encoder layer's output (for intermediate-layer distillation)."""
+            """Logits; with `hidden`, also the hidden states (the embeddings' output, then every encoder
+            layer's) for layer and attention distillation."""
             mask = (input_ids != self.config.pad_token_id).long()
             output = super().forward(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden)
-            return (output.logits, output.hidden_states[1:]) if hidden else output.logits
+            return (output.logits, output.hidden_states) if hidden else output.logits
 
     return BertTextClassifier
 

@@ -195,11 +195,15 @@ class DistillParams:
     # weight of TinyBERT's intermediate-layer loss (text models): each student encoder layer's output
     # against the teacher layer at the same relative depth; 0 turns it off
     hidden_weight: float = 0.0
+    # weight of MiniLMv2's self-attention relation loss (text models): the last layer's query, key and value
+    # relations against the teacher's; 0 turns it off
+    attention_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.temperature > 0, f"temperature: must be positive, got {self.temperature}")
         _require(0 <= self.alpha <= 1, f"alpha: must be in [0, 1], got {self.alpha}")
         _require(self.hidden_weight >= 0, f"hidden_weight: must be >= 0, got {self.hidden_weight}")
+        _require(self.attention_weight >= 0, f"attention_weight: must be >= 0, got {self.attention_weight}")
 
 
 @dataclass(frozen=True)

@@ -219,8 +219,9 @@ class HiddenMatch(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module, seed: int) -> None:
         super().__init__()
         (student_layers, student_width), (teacher_layers, teacher_width) = (
-            encoder_shape(student, "student"), encoder_shape(teacher, "teacher"))
-        self.pairs = [(i, (i + 1) * teacher_layers // student_layers - 1) for i in range(student_layers)]
+            encoder_shape(student, "student", "hidden_weight"), encoder_shape(teacher, "teacher", "hidden_weight"))
+        # hidden states start with the embeddings' output: layer i's output is state i + 1
+        self.pairs = [(i + 1, (i + 1) * teacher_layers // student_layers) for i in range(student_layers)]
         self.projection: nn.Module = nn.Identity()
         if student_width != teacher_width:
             self.projection = nn.Linear(student_width, teacher_width, bias=False)
@@ -234,12 +235,49 @@ class HiddenMatch(nn.Module):
                             for i, j in self.pairs]).mean()
 
 
-def encoder_shape(model: nn.Module, role: str) -> tuple[int, int]:
+class AttentionRelations:
+    """MiniLMv2's self-attention relation loss (Wang et al. 2021): in the last encoder layer of each model,
+    the query, key and value vectors are split into the same number of relation heads (the student's
+    attention heads), and the softmax of each head's scaled dot products of every token with every other
+    is the relation. The loss is the KL divergence from the teacher's relations to the student's, averaged
+    over heads and non-padding tokens and summed over the three. Widths and head counts may differ."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        encoder_shape(student, "student", "attention_weight"), encoder_shape(teacher, "teacher", "attention_weight")
+        self.heads = student.bert.encoder.layer[-1].attention.self.num_attention_heads
+        width = teacher.bert.encoder.layer[-1].attention.self.query.out_features
+        if width % self.heads:
+            raise ValueError(f"distill.attention_weight: the teacher's last layer has {width} attention units, "
+                             f"which the student's {self.heads} heads do not divide into relation heads")
+
+    def relations(self, model: nn.Module, states: tuple[torch.Tensor, ...],
+                  tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Log-probabilities [batch, heads, token, token] of the last layer's query, key and value relations."""
+        attention, x = model.bert.encoder.layer[-1].attention.self, states[-2]  # the last layer's input
+        batch, length, _ = x.shape
+        padding = ~tokens[:, None, None, :]
+        relations = []
+        for projection in (attention.query, attention.key, attention.value):
+            vectors = projection(x).view(batch, length, self.heads, -1).transpose(1, 2)
+            scores = vectors @ vectors.transpose(-1, -2) / math.sqrt(vectors.shape[-1])
+            relations.append(torch.log_softmax(scores.masked_fill(padding, torch.finfo(scores.dtype).min), -1))
+        return relations
+
+    def loss(self, student: nn.Module, teacher: nn.Module, student_states: tuple[torch.Tensor, ...],
+             teacher_states: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            targets = self.relations(teacher, teacher_states, tokens)
+        weight = tokens[:, None, :].to(teacher_states[0].dtype) / (tokens.sum() * self.heads)
+        return sum((F.kl_div(ours, theirs, reduction="none", log_target=True).sum(-1) * weight).sum()
+                   for ours, theirs in zip(self.relations(student, student_states, tokens), targets))
+
+
+def encoder_shape(model: nn.Module, role: str, setting: str) -> tuple[int, int]:
     """(encoder layers, hidden width) of a Hugging Face BERT-family model."""
     encoder = getattr(getattr(model, "bert", None), "encoder", None)
     if encoder is None:
-        raise ValueError(f"distill.hidden_weight: the {role} ({type(model).__name__}) has no BERT encoder whose "
-                         f"layers could be matched; intermediate-layer distillation needs hf_bert models")
+        raise ValueError(f"distill.{setting}: the {role} ({type(model).__name__}) has no BERT encoder whose "
+                         f"layers could be matched; layer and attention distillation need hf_bert models")
     return len(encoder.layer), model.config.hidden_size
 
 
@@ -326,9 +364,13 @@ def fit(
     batch_size = min(recipe.batch_size, len(train.X))
     steps_per_epoch = math.ceil(len(train.X) / batch_size)
     total_steps = steps_per_epoch * recipe.epochs
-    match = None
-    if teacher is not None and distill is not None and distill.hidden_weight:
-        match = HiddenMatch(model, teacher, recipe.seed).to(device)
+    match, relations = None, None
+    if teacher is not None and distill is not None:
+        if distill.hidden_weight:
+            match = HiddenMatch(model, teacher, recipe.seed).to(device)
+        if distill.attention_weight:
+            relations = AttentionRelations(model, teacher)
+    inside = match is not None or relations is not None  # the teacher's layers, not only its logits
     learned = nn.ModuleList([model, match]) if match is not None else model  # the projection learns too
     optimizer = make_optimizer(learned, recipe)
     data_rng = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same order on every device
@@ -349,7 +391,7 @@ def fit(
     cached_teacher_logits = None
     if teacher is not None:
         teacher.to(device).eval()
-        if distill is not None and match is None and not (recipe.augment_shift or recipe.mixup):
+        if distill is not None and not inside and not (recipe.augment_shift or recipe.mixup):
             # the teacher sees fixed inputs: its logits once, not at every step
             cached_teacher_logits = predict_logits(teacher, train.X, device=device, pad_id=train.pad_id)
     # DDP all-reduces (averages) the gradients of the processes in backward()
@@ -389,15 +431,20 @@ def fit(
                                        enabled=replica.world_size > 1):
                 if replica.world_size > 1:
                     torch.manual_seed(replica_seed(recipe.seed, replica.rank, step))
-                if match is not None:
-                    logits, student_hidden = forward(x, hidden=True)
+                if inside:
+                    logits, student_states = forward(x, hidden=True)
                 else:
                     logits = forward(x)
-            if match is not None:
+            if inside:
                 with torch.no_grad():
-                    teacher_logits, teacher_hidden = teacher(x, hidden=True)
-                loss = (distillation_loss(logits, teacher_logits, y, distill, mix) + distill.hidden_weight
-                        * match(student_hidden, teacher_hidden, x != train.pad_id))
+                    teacher_logits, teacher_states = teacher(x, hidden=True)
+                tokens = x != train.pad_id
+                loss = distillation_loss(logits, teacher_logits, y, distill, mix)
+                if match is not None:
+                    loss = loss + distill.hidden_weight * match(student_states, teacher_states, tokens)
+                if relations is not None:
+                    loss = loss + distill.attention_weight * relations.loss(model, teacher, student_states,
+                                                                            teacher_states, tokens)
             elif teacher is not None and distill is not None:
                 if cached_teacher_logits is not None:
                     teacher_logits = cached_teacher_logits[idx][shard].to(device)

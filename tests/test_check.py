@@ -61,14 +61,15 @@ def test_every_problem_in_every_section_is_reported_at_once(repo_copy):
 
 def test_layer_distillation_on_image_models_and_a_recipes_bad_fine_tuning_are_reported(repo_copy):
     params = tiny_params()
-    params["distill"]["hidden_weight"] = 1.0
+    params["distill"].update(hidden_weight=1.0, attention_weight=0.5)
     params["compress"]["recipes"]["pruned"]["finetune"] = {"epochs": 0}
     write_params(repo_copy, params)
     problems = check_workspace(repo_copy)
-    assert len(problems) == 2, problems
-    finetune, layers = sorted(problems)
-    assert layers.startswith("params.yaml:distill.hidden_weight: matching layer outputs needs BERT encoders (hf_bert) "
-                             "on both sides; not hf_bert: ['teacher.model', 'student.model'"), layers
+    assert len(problems) == 3, problems
+    finetune, attention, layers = sorted(problems)
+    for setting, problem in (("attention_weight", attention), ("hidden_weight", layers)):
+        assert problem.startswith(f"params.yaml:distill.{setting}: distilling from inside the layers needs BERT "
+                                  "encoders (hf_bert) on both sides; not hf_bert: ['teacher.model', 'student.model'"), problem
     assert finetune.startswith("params.yaml:compress.recipes.pruned.finetune.epochs: must be"), finetune
 
 

@@ -20,11 +20,12 @@ from conftest import run, tiny_params
 from tasks.compress import CompressParams, compress, parse_recipe
 from tasks.compression.methods import METHODS, StepContext, TransformerPruneSettings, TrimVocabSettings
 from tasks.compression.quantization import OnnxClassifier, export_onnx
+from tasks.compression.transformer import prune_heads_and_mlp
 from tasks.models import ModelFileError, build_model, load_model, read_config, save_model
 from tasks.evaluate import measure_speeds, runner
 from tasks.params import DataParams, DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.prepare import DataError, prepare, write_prepared
-from tasks.training import HiddenMatch, bucketed, learning_rate, load_split, model_split, train_model
+from tasks.training import AttentionRelations, HiddenMatch, bucketed, learning_rate, load_split, model_split, train_model
 from tasks.text import normalise_text
 from tasks.workspace import ROOT, copy_pipeline, write_params
 
@@ -141,6 +142,9 @@ def test_dvc_repro_fine_tunes_the_pretrained_teacher_compresses_it_and_predict_r
         assert layer.attention.output.dense.weight.shape == (384, 192)
         assert layer.intermediate.dense.weight.shape == (768, 384)
     assert len(narrow.bert.encoder.layer) == 3
+    pruned_only = prune_heads_and_mlp(load_model(thin / "step1-layer_prune.safetensors")[0], 0.5, 0.5)
+    assert pruned_only.state_dict().keys() == narrow.state_dict().keys()
+    assert not all(torch.equal(w, narrow.state_dict()[k]) for k, w in pruned_only.state_dict().items())  # fine-tuned
     assert models["thin"]["parameters"] < 0.7 * teacher["parameters"] and models["thin"]["accuracy"] > 0.25
 
     # The trimmed vocabulary: the tokens of 180 training texts and every single character, not 30,522.
@@ -331,6 +335,7 @@ def layer_distance(student: torch.nn.Module, teacher: torch.nn.Module, X: torch.
     tokens = (X != pad).unsqueeze(-1)
     with torch.no_grad():
         (_, ours), (_, theirs) = student(X, hidden=True), teacher(X, hidden=True)
+    ours, theirs = ours[1:], theirs[1:]  # the layers' outputs, without the embeddings'
     step = len(theirs) // len(ours)
     return float(np.mean([((a - theirs[(i + 1) * step - 1]) ** 2 * tokens).sum() / (tokens.sum() * a.shape[-1])
                           for i, a in enumerate(ours)]))
@@ -372,10 +377,38 @@ def test_intermediate_layer_distillation_pulls_each_student_layer_toward_the_tea
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
-def test_intermediate_layer_distillation_names_a_model_without_an_encoder():
+def test_layer_and_attention_distillation_name_a_model_without_an_encoder():
     image_model = build_model({"arch": "mlp", "hidden": [8]}, [1, 8, 8], 3)
     with pytest.raises(ValueError, match=r"distill.hidden_weight: the student \(Sequential\) has no BERT encoder"):
         HiddenMatch(image_model, image_model, seed=0)
+    with pytest.raises(ValueError, match=r"distill.attention_weight: the student \(Sequential\) has no BERT encoder"):
+        AttentionRelations(image_model, image_model)
+
+
+def test_attention_relation_distillation_brings_a_narrower_students_relations_to_the_teachers(text_dir, tmp_path):
+    teacher = train_model(text_dir, from_dict(ModelParams, {"model": TINY_BERT, "train": dict(ADAMW, lr=1.0e-3,
+                                                            epochs=4)}, "teacher"), role="teacher")
+    save_model(teacher.model, tmp_path / "teacher.safetensors", teacher.config)
+    # half the width, two heads where the teacher has four: relations still compare, head by relation head
+    narrow = from_dict(ModelParams, {"model": dict(TINY_BERT, hidden_size=16, num_attention_heads=2,
+                                                   intermediate_size=32), "train": dict(ADAMW, lr=1.0e-3, epochs=4)},
+                       "student")
+    train = load_split(text_dir, "train", CLASSES)
+    tokens = train.X != train.pad_id
+    distance = {}
+    for name, weight in (("logits", 0.0), ("attention", 1.0)):
+        distilled = train_model(text_dir, narrow, role="distilled", teacher_path=tmp_path / "teacher.safetensors",
+                                distill=DistillParams(temperature=2.0, alpha=0.7, attention_weight=weight)).model
+        relations = AttentionRelations(distilled, teacher.model)
+        distilled.eval(), teacher.model.eval()
+        with torch.no_grad():
+            (_, ours), (_, theirs) = distilled(train.X, hidden=True), teacher.model(train.X, hidden=True)
+            distance[name] = float(relations.loss(distilled, teacher.model, ours, theirs, tokens))
+    assert distance["attention"] < 0.7 * distance["logits"], distance  # measured: 0.47 of it
+
+    three_heads = build_model(dict(TINY_BERT, hidden_size=24, num_attention_heads=3), [16], len(CLASSES))
+    with pytest.raises(ValueError, match="the teacher's last layer has 32 attention units, which the student's 3 heads"):
+        AttentionRelations(three_heads, teacher.model)
 
 
 def test_a_recipe_overrides_the_fine_tuning_epochs_of_compress_finetune(text_dir, tmp_path):

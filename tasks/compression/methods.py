@@ -196,6 +196,8 @@ def prune_structure(model: nn.Module, settings: StructuredPruneSettings, context
 
 def prune_transformer(model: nn.Module, settings: TransformerPruneSettings, context: StepContext) -> nn.Module:
     small = prune_heads_and_mlp(model, settings.heads, settings.mlp)
+    if context.finetune is not None:
+        context.finetune(small)
     with torch.device("meta"):
         record_structure(context.config, structure(small, architecture(context)))
     return small
