@@ -98,7 +98,7 @@ def test_per_sample_mini_batch_and_full_batch_training(digits_dir, optimizer, ba
 def test_distilled_student_records_its_teacher(digits_dir, teacher_path):
     trained = distill(digits_dir, teacher_path, model_params("student"), distill_params())
     assert trained.config["lineage"]["teacher_sha256"] == file_sha256(teacher_path)
-    assert trained.config["distill"] == {"temperature": 4.0, "alpha": 0.7, "hidden_weight": 0.0}
+    assert trained.config["distill"] == {"temperature": 4.0, "alpha": 0.7, "hidden_weight": 0.0, "attention_weight": 0.0}
     assert test_accuracy(trained.model, digits_dir) > 0.5
 
 
