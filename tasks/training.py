@@ -243,7 +243,8 @@ class AttentionRelations:
     over heads and non-padding tokens and summed over the three. Widths and head counts may differ."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
-        encoder_shape(student, "student", "attention_weight"), encoder_shape(teacher, "teacher", "attention_weight")
+        for model, role in ((student, "student"), (teacher, "teacher")):
+            encoder_shape(model, role, "attention_weight")  # a clear error for a model without a BERT encoder
         self.heads = student.bert.encoder.layer[-1].attention.self.num_attention_heads
         width = teacher.bert.encoder.layer[-1].attention.self.query.out_features
         if width % self.heads:
