@@ -155,6 +155,9 @@ class TrainParams:
     bucket: bool = False
     augment_shift: int = 0  # random translation in pixels, images only
     mixup: float = 0.0  # Beta(mixup, mixup) mixing of sample pairs (Zhang et al. 2018); 0 = off
+    # The hard-label loss's weight per class: none, or balanced (n / (classes x count of the class) in the
+    # training split), so rare classes count as much as common ones -- for macro-F1 on imbalanced data
+    class_weight: str = "none"
     threads: int = 2  # per process; fixed so results are reproducible
     device: str = "auto"  # auto (CUDA when present, else the CPU) | cpu | cuda
     distributed: DistributedParams = field(default_factory=DistributedParams)
@@ -177,6 +180,8 @@ class TrainParams:
         _require(self.epochs >= 1, f"epochs: must be at least 1, got {self.epochs}")
         _require(self.augment_shift >= 0, f"augment_shift: must be >= 0, got {self.augment_shift}")
         _require(self.mixup >= 0, f"mixup: must be >= 0, got {self.mixup}")
+        _require(self.class_weight in ("none", "balanced"),
+                 f"class_weight: must be none or balanced, got {self.class_weight!r}")
         _require(self.threads >= 1, f"threads: must be at least 1, got {self.threads}")
 
 

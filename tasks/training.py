@@ -194,20 +194,41 @@ def mixup_pairs(n: int, concentration: float, generator: torch.Generator) -> Mix
     return float(weight), torch.randperm(n, generator=generator)
 
 
-def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, mix: Mix = None) -> torch.Tensor:
-    if mix is None:
+def balanced_class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per class index, n / (classes present x count): each class's samples weigh as much in total as any
+    other's, and the weights average 1 over the samples. A class without samples gets 0 (never read)."""
+    counts = torch.bincount(labels).float()
+    present = counts > 0
+    return torch.where(present, len(labels) / (present.sum() * counts.clamp(min=1)), 0.0)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                           class_weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean over samples of each one's cross-entropy times its class's weight (not PyTorch's weighted
+    mean, which divides by the batch's weights: a batch's loss keeps its scale whatever classes it holds)."""
+    if class_weights is None:
         return F.cross_entropy(logits, labels)
+    return (F.cross_entropy(logits, labels, reduction="none") * class_weights[labels]).mean()
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, mix: Mix = None,
+                    class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    if mix is None:
+        return weighted_cross_entropy(logits, labels, class_weights)
     weight, partner_labels = mix
-    return weight * F.cross_entropy(logits, labels) + (1 - weight) * F.cross_entropy(logits, partner_labels)
+    return (weight * weighted_cross_entropy(logits, labels, class_weights)
+            + (1 - weight) * weighted_cross_entropy(logits, partner_labels, class_weights))
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      params: DistillParams, mix: Mix = None) -> torch.Tensor:
-    """Hinton et al. 2015: soft-target KL at temperature T (scaled by T^2) mixed with hard-label CE."""
+                      params: DistillParams, mix: Mix = None,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinton et al. 2015: soft-target KL at temperature T (scaled by T^2) mixed with hard-label CE (which
+    alone takes the class weights: the teacher's soft targets are its own)."""
     t = params.temperature
     soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
-    return params.alpha * soft + (1 - params.alpha) * hard_label_loss(logits, labels, mix)
+    return params.alpha * soft + (1 - params.alpha) * hard_label_loss(logits, labels, mix, class_weights)
 
 
 class HiddenMatch(nn.Module):
@@ -372,6 +393,7 @@ def fit(
         if distill.attention_weight:
             relations = AttentionRelations(model, teacher)
     inside = match is not None or relations is not None  # the teacher's layers, not only its logits
+    class_weights = balanced_class_weights(train.y).to(device) if recipe.class_weight == "balanced" else None
     learned = nn.ModuleList([model, match]) if match is not None else model  # the projection learns too
     optimizer = make_optimizer(learned, recipe)
     data_rng = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same order on every device
@@ -440,7 +462,7 @@ def fit(
                 with torch.no_grad():
                     teacher_logits, teacher_states = teacher(x, hidden=True)
                 tokens = x != train.pad_id
-                loss = distillation_loss(logits, teacher_logits, y, distill, mix)
+                loss = distillation_loss(logits, teacher_logits, y, distill, mix, class_weights)
                 if match is not None:
                     loss = loss + distill.hidden_weight * match(student_states, teacher_states, tokens)
                 if relations is not None:
@@ -452,9 +474,9 @@ def fit(
                 else:
                     with torch.no_grad():
                         teacher_logits = teacher(x)  # the teacher sees the same augmented batch
-                loss = distillation_loss(logits, teacher_logits, y, distill, mix)
+                loss = distillation_loss(logits, teacher_logits, y, distill, mix, class_weights)
             else:
-                loss = hard_label_loss(logits, y, mix)
+                loss = hard_label_loss(logits, y, mix, class_weights)
             optimizer.zero_grad(set_to_none=True)
             if replica.world_size > 1:
                 # DDP averages over processes; weighting by the share makes that the mean over the batch,

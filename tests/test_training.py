@@ -16,8 +16,8 @@ from tasks.models import build_model, configured_architectures, load_model, read
 from tasks.params import DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.train_student import train_student
 from tasks.train_teacher import train_teacher
-from tasks.training import (distillation_loss, hard_label_loss, load_split, predict_logits, resolve_device,
-                            shift_images)
+from tasks.training import (Split, balanced_class_weights, distillation_loss, fit, hard_label_loss, load_split,
+                            predict_logits, resolve_device, shift_images)
 from tests.conftest import distill_params, model_params
 
 
@@ -106,8 +106,35 @@ def test_distillation_loss_reduces_to_its_parts():
     logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
     hard_only = distillation_loss(logits, torch.randn(8, 10), labels, DistillParams(temperature=3.0, alpha=0.0))
     assert torch.allclose(hard_only, F.cross_entropy(logits, labels))
+    weights = torch.rand(10)
+    weighted = distillation_loss(logits, torch.randn(8, 10), labels, DistillParams(temperature=3.0, alpha=0.0), None,
+                                 weights)
+    assert torch.allclose(weighted, (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean())
     same = distillation_loss(logits, logits.clone(), labels, DistillParams(temperature=3.0, alpha=1.0))
     assert same.abs() < 1e-6
+
+
+def test_balanced_class_weights_make_a_rare_class_count_as_much_as_a_common_one():
+    # each class's samples weigh the same in total; the weights average 1; an absent class weighs nothing
+    assert torch.allclose(balanced_class_weights(torch.tensor([0, 0, 0, 2])), torch.tensor([2 / 3, 0.0, 2.0]))
+    generator = torch.Generator().manual_seed(0)
+    # two overlapping classes, 19:1 in training: unweighted, the boundary moves deep into the rare class
+    common, rare = torch.randn(950, 2, generator=generator), torch.randn(50, 2, generator=generator) + 1.5
+    train = Split(torch.cat([common, rare]), torch.cat([torch.zeros(950), torch.ones(50)]).long())
+    test_rare = Split(torch.randn(500, 2, generator=generator) + 1.5, torch.ones(500).long())
+    recall = {}
+    for class_weight in ("none", "balanced"):
+        torch.manual_seed(0)  # the same initial weights for both
+        model = build_model({"arch": "mlp", "hidden": [8]}, [2], 2)
+        recipe = TrainParams(lr=0.01, batch_size=100, epochs=20, threads=1, device="cpu", class_weight=class_weight)
+        fit(model, train, train, recipe, fingerprint=class_weight)
+        recall[class_weight] = float((predict_logits(model, test_rare.X).argmax(1) == 1).float().mean())
+    assert recall["none"] < 0.4 and recall["balanced"] > recall["none"] + 0.3, recall
+
+
+def test_unknown_class_weight_is_refused_naming_the_field():
+    with pytest.raises(ParamsError, match=r"^teacher.train.class_weight: must be none or balanced, got 'auto'"):
+        from_dict(ModelParams, {"model": {"arch": "mlp"}, "train": {"class_weight": "auto"}}, "teacher")
 
 
 def test_shift_moves_images_without_wrapping():
