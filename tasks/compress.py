@@ -176,6 +176,10 @@ def compress(
                                         "settings": step.settings, "parent_sha256": parent.sha256,
                                         "parent_file": Path(parent.file).name,
                                         "finetune": finetune_params and dataclasses.asdict(finetune_params)})
+        if method.finetunes or method.needs_teacher:  # the file says how it was last trained, and from which teacher
+            step_config["distill"] = dataclasses.asdict(distill_params) if teacher else None
+            if teacher:
+                step_config["lineage"] = {**step_config["lineage"], "teacher_sha256": file_sha256(teacher)}
         context = StepContext(step_config, schema["input_shape"], len(schema["classes"]), finetune=finetune,
                               train=functools.partial(train_model, prepared_dir, role=step_config["role"],
                                                       teacher_path=teacher, distill=distill_params))

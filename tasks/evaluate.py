@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import hashlib
 import math
 import tempfile
 import time
@@ -50,7 +49,8 @@ from tasks.params import PARAMS_FILE, EvaluateParams, load_section
 from tasks.compression.quantization import OnnxClassifier, export_onnx, read_onnx_config
 from tasks.statistics import macro_f1_interval, paired_comparison, wilson_interval
 from tasks.text import lengths, trim_padding
-from tasks.training import Split, load_split, make_deterministic, model_split, predict_logits, resolve_device
+from tasks.training import (Split, load_split, make_deterministic, model_split, predict_logits, resolve_device,
+                            split_sha256)
 
 PYTORCH, ONNXRUNTIME = "pytorch", "onnxruntime"
 # text only: batch-1 p50 of the short half of the texts and of the longest tenth, with their median token counts
@@ -245,15 +245,6 @@ def pareto_front(models: dict[str, dict], cost: str) -> list[str]:
                    and (b["accuracy"] > a["accuracy"] or b[cost] < a[cost]) for b in models.values())
 
     return sorted((n for n, m in models.items() if not dominated(m)), key=lambda n: models[n][cost])
-
-
-def split_sha256(prepared_dir: Path, split: str) -> str:
-    """Hash of one prepared split: its X and y files, names and contents."""
-    digest = hashlib.sha256()
-    for name in (f"X_{split}.npy", f"y_{split}.npy"):
-        digest.update(name.encode())
-        digest.update(file_sha256(prepared_dir / name).encode())
-    return digest.hexdigest()
 
 
 def provenance(prepared_dir: Path, schema: dict, teacher: Path) -> dict:

@@ -98,9 +98,10 @@ class Deployed:
 
     def text_input(self, texts: list, origin: str) -> np.ndarray:
         """Raw texts -> the model's token ids, as prepare made them in training."""
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not is_unicode(t)]
         if bad:
-            raise DataError(f"{origin}: item(s) {bad[:10]} are not text (0-based)")
+            raise DataError(f"{origin}: item(s) {bad[:10]} are not text (0-based; a JSON string may not hold a lone "
+                            f"surrogate escape)")
         return encode(self.tokenizer, texts, self.input_shape[0], self.pad_id)
 
     def batch_logits(self, X: np.ndarray) -> np.ndarray:
@@ -113,6 +114,15 @@ class Deployed:
     def describe(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "candidate": self.candidate,
                 "model_sha256": self.model_sha256, "runtime": self.runtime, "loaded_at": self.loaded_at}
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` is valid Unicode: JSON's \\ud800 escapes give Python strings that are not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def training_data(lineage: dict, where: str, label_column: str) -> DataParams:

@@ -119,14 +119,15 @@ def trim_vocabulary(tokenizer_json: str, used_ids: np.ndarray, keep_characters: 
     vocab = spec.get("model", {}).get("vocab")
     if spec.get("model", {}).get("type") != "WordPiece" or not isinstance(vocab, dict):
         raise TokenizerError("trim_vocab: only WordPiece tokenizers (BERT's) can be trimmed")
-    specials = {token["id"] for token in spec.get("added_tokens", [])} | {vocab[spec["model"]["unk_token"]]}
+    added = spec.get("added_tokens", [])  # the special tokens, and any added beyond the vocabulary
+    specials = {token["id"] for token in added} | {vocab[spec["model"]["unk_token"]]}
     characters = {i for t, i in vocab.items() if len(t.removeprefix("##")) == 1} if keep_characters else set()
     kept = np.array(sorted(set(np.unique(used_ids).tolist()) | specials | characters), dtype=np.int64)
-    by_old_id = {i: t for t, i in vocab.items()}
-    new_ids = {by_old_id[old]: new for new, old in enumerate(kept.tolist())}
-    spec["model"]["vocab"] = new_ids
-    for token in spec.get("added_tokens", []):
-        token["id"] = new_ids[token["content"]]
+    renumbered = {old: new for new, old in enumerate(kept.tolist())}
+    spec["model"]["vocab"] = {t: renumbered[i] for t, i in vocab.items() if i in renumbered}
+    for token in added:
+        token["id"] = renumbered[token["id"]]
+    new_ids = {**spec["model"]["vocab"], **{token["content"]: token["id"] for token in added}}
 
     def renumber(node: Any) -> None:  # the post-processor's [CLS] and [SEP] ids, wherever it keeps them
         if isinstance(node, dict):

@@ -111,6 +111,15 @@ def device_record(device: torch.device, replica: Replica) -> dict[str, Any]:
     return record
 
 
+def split_sha256(prepared_dir: Path, split: str) -> str:
+    """Hash of one prepared split: its X and y files, names and contents."""
+    digest = hashlib.sha256()
+    for name in (f"X_{split}.npy", f"y_{split}.npy"):
+        digest.update(name.encode())
+        digest.update(file_sha256(Path(prepared_dir) / name).encode())
+    return digest.hexdigest()
+
+
 def load_split(prepared_dir: Path, split: str, classes: list[int]) -> Split:
     """The split with each label replaced by its position in `classes`, in the declared order (sorted or not)."""
     X, y = read_split(prepared_dir, split)
@@ -157,7 +166,7 @@ def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 def learning_rate(recipe: TrainParams, step: int, total_steps: int) -> float:
     """The rate at `step`: a linear warm-up over the first `warmup` of the steps, then the schedule."""
-    warmup_steps = recipe.warmup * total_steps
+    warmup_steps = math.ceil(recipe.warmup * total_steps)  # whole steps: the last warm-up step reaches lr, no more
     if step < warmup_steps:
         return recipe.lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
@@ -529,6 +538,8 @@ def fit(
 PRETRAINED_DIR = Path("models/pretrained")  # stage `pretrained`'s output
 # What the package's file has that the classifier does not: a buffer older transformers saved
 PRETRAINED_EXTRA_KEYS = {"bert.embeddings.position_ids"}
+# Heads a checkpoint may carry and the classifier replaces: BERT's pretraining heads, an earlier task's classifier
+PRETRAINED_HEADS = ("cls.", "classifier.")
 
 
 def pretrained_start(spec: dict[str, Any], pretrained_dir: Path) -> tuple[dict[str, Any], dict | None, dict]:
@@ -542,7 +553,9 @@ def pretrained_start(spec: dict[str, Any], pretrained_dir: Path) -> tuple[dict[s
         raise ParamsError("model.pretrained: no pretrained model is configured (params.yaml:pretrained)")
     expanded = pretrained_spec(spec, read_json(pretrained_dir / "config.json"))
     weights = pretrained_dir / "model.safetensors"
-    state = {key if key.startswith("bert.") else f"bert.{key}": tensor for key, tensor in load_file(weights).items()}
+    # a bare BertModel's keys (sentence-transformers) lack the classifier's "bert." prefix
+    state = {key if key.startswith("bert.") else f"bert.{key}": tensor for key, tensor in load_file(weights).items()
+             if not key.startswith(PRETRAINED_HEADS)}
     hashes = {name: entry["sha256"] for name, entry in manifest["files"].items()}
     return expanded, state, {"pretrained": hashes}
 
@@ -603,8 +616,10 @@ def train_model(
         raise ParamsError("train.mixup: mixes inputs, which token ids cannot be; set it to 0 for text")
     spec, pretrained_state, pretrained_lineage = pretrained_start(params.model, pretrained_dir)
     teacher = None
-    lineage: dict[str, Any] = {"data_sha256": {s: file_sha256(Path(prepared_dir) / f"X_{s}.npy")
-                                               for s in ("train", "validation", "test")}, **pretrained_lineage}
+    # inputs and labels: relabelled data is other data (and must not resume this run's checkpoint)
+    lineage: dict[str, Any] = {
+        "data_sha256": {s: split_sha256(prepared_dir, s) for s in ("train", "validation", "test")},
+        **pretrained_lineage}
     if teacher_path is not None:
         teacher, _ = load_model(teacher_path)
         lineage["teacher_sha256"] = file_sha256(teacher_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -118,7 +119,8 @@ def test_recipe_chain_records_each_parent_and_step(digits_dir, teacher_path, tmp
         {"method": "quantize", "mode": "int8_dynamic"},
     ]})
     params = CompressParams(finetune={"epochs": 1, "augment_shift": 0}, recipes={}, calibration_samples=32)
-    chain = compress(recipe, digits_dir, teacher_path, teacher_path, tmp_path, params, DistillParams())
+    distill_params = DistillParams(temperature=3.0, alpha=0.6)
+    chain = compress(recipe, digits_dir, teacher_path, teacher_path, tmp_path, params, distill_params)
     write_lineage(tmp_path, recipe, chain, teacher_path)
 
     lineage = json.loads((tmp_path / "lineage.json").read_text())
@@ -132,6 +134,10 @@ def test_recipe_chain_records_each_parent_and_step(digits_dir, teacher_path, tmp
         config = read_onnx_config(path) if path.suffix == ".onnx" else read_config(path)
         assert config["compression"]["parent_sha256"] == parent["sha256"]
         assert config["compression"]["method"] == link["method"]
+        # every file trained by distillation (the distill step, and the fine-tuned prune and share) says how
+        # and from which teacher; the quantized one keeps its parent's
+        assert config["distill"] == dataclasses.asdict(distill_params)
+        assert config["lineage"]["teacher_sha256"] == file_sha256(teacher_path)
     distilled, config = load_model(tmp_path / "step1-distill.safetensors")
     assert config["model"] == {"arch": "mlp", "hidden": [24]}
     assert lineage["chain"][2]["nonzero_parameters"] < 0.6 * lineage["chain"][2]["parameters"]  # biases stay

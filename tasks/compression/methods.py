@@ -30,6 +30,7 @@ from tasks.compression.qat import (
     quantization_aware_training,
 )
 from tasks.compression.quantization import (
+    NO_STATIC_INT8_FOR_TEXT,
     QUANTIZATION_MODES,
     export_onnx,
     quantize_onnx,
@@ -337,6 +338,19 @@ def parse_step(raw: Any, where: str) -> Step:
     return Step(name, options)
 
 
+def refusal(step: Step, config: dict[str, Any]) -> str | None:
+    """Why `step` cannot apply to the model of `config` although its code would run in a dry run (it would
+    fail, or do harm, only once trained); None when it can."""
+    static_int8 = step.method in ("qat", "quantize_tuned") or (step.method == "quantize"
+                                                                and step.options.mode == "int8_static")
+    if static_int8 and is_text_config(config):
+        return NO_STATIC_INT8_FOR_TEXT
+    if step.method == "structured_prune" and config["model"]["arch"] == "hf_bert":
+        return ("it would narrow the attention's channels across heads, which BERT's fixed head size reads as "
+                "fewer, mixed heads; use transformer_prune, which removes whole heads and MLP units")
+    return None
+
+
 def dry_run(steps: list[Step], model: nn.Module, config: dict[str, Any], input_shape: list[int], n_classes: int,
             where: str, memo: dict[str, Any] | None = None) -> None:
     """Apply `steps` to a copy of `model` (config: its model spec, training recipe, input shape and classes)
@@ -357,6 +371,10 @@ def dry_run(steps: list[Step], model: nn.Module, config: dict[str, Any], input_s
         if prefix in memo:
             model, config = memo[prefix]
             continue
+        reason = refusal(step, config)
+        if reason:
+            raise NotApplicable(f"{where}.steps[{index}]: {step.describe()} cannot apply to architecture "
+                                f"{config['model'].get('arch')!r}: {reason}")
         context = StepContext(copy.deepcopy(config), list(input_shape), n_classes)
         try:
             model = METHODS[step.method].run(copy.deepcopy(model), step.options, context).eval()

@@ -46,6 +46,8 @@ QUANTIZATION_MODES = ("fp32", "fp16", "int8_dynamic", "int8_static")
 # The exporter logs every torchvision operator it cannot register; shrinkflow exports no torchvision ops.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 INPUT, OUTPUT = "input", "logits"
+NO_STATIC_INT8_FOR_TEXT = ("static int8 calibrates the ranges of float inputs and a text model takes token ids; use "
+                           "quantize mode int8_dynamic, the standard CPU path for transformers")
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path, config: dict[str, Any]) -> None:
@@ -197,8 +199,7 @@ def quantize_onnx(source: str | Path, path: str | Path, mode: str, config: dict[
     if mode not in QUANTIZATION_MODES:
         raise ParamsError(f"quantize.mode: unknown mode {mode!r}; use one of {list(QUANTIZATION_MODES)}")
     if mode == "int8_static" and is_text_config(config):
-        raise ParamsError("quantize.mode: int8_static calibrates the ranges of float inputs; a text model takes "
-                          "token ids: use int8_dynamic, the standard CPU path for transformers")
+        raise ParamsError(f"quantize.mode: int8_static: {NO_STATIC_INT8_FOR_TEXT}")
     if mode == "int8_static" and (calibration is None or len(calibration) == 0):
         raise ParamsError("quantize.mode: int8_static needs calibration data")
     if mode == "fp32":
