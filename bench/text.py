@@ -35,6 +35,7 @@ import pandas as pd
 from mnist_workspace import ROOT, benchmark_params, timed
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
@@ -228,6 +229,7 @@ def int8_matmul_speedup(width: int, inner: int, layers: int, tokens: int, thread
     with tempfile.TemporaryDirectory() as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), fp32)
+        quant_pre_process(str(fp32), str(fp32))  # as the pipeline's int8 does
         quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
         for path in (fp32, int8):
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
