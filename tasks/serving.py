@@ -165,6 +165,20 @@ def onnx_runtime(path: Path, threads: int) -> tuple[Callable, dict]:
     return lambda x: classifier.run_native(classifier.native_input(x)), config
 
 
+def check_tokenizer_fits(logits: Callable, tokenizer: Any, pad: int, config: dict, name: str) -> None:
+    """A text model file's tokenizer must fit its model (the file is untrusted: a mismatch would fail every
+    request, or mask the wrong token): the model masks the tokenizer's padding id and embeds its every id."""
+    masked = config["model"].get("pad_token_id", pad)
+    if masked != pad:
+        raise ModelFileError(f"{name}: its tokenizer pads with id {pad}, but its model masks id {masked}")
+    top = tokenizer.get_vocab_size() - 1
+    try:
+        logits(np.array([[top, pad]], dtype=np.int64))
+    except Exception as e:  # noqa: BLE001 -- PyTorch and ONNX Runtime each fail in their own way
+        raise ModelFileError(f"{name}: its tokenizer's ids (up to {top}) do not fit its model "
+                             f"({type(e).__name__})") from None
+
+
 def load_version(registry: Registry, alias: dict, architectures: dict, label_column: str, threads: int) -> Deployed:
     """Download the version `alias` points at, verify every file used against its manifest, load it."""
     number = alias["version"]
@@ -203,6 +217,7 @@ def load_version(registry: Registry, alias: dict, architectures: dict, label_col
             tokenizer = load_tokenizer(config.get("tokenizer", ""), data.max_length, f"{name} tokenizer")
         except TokenizerError as e:
             raise ModelFileError(str(e)) from None
+        check_tokenizer_fits(logits, tokenizer, pad_id(config["tokenizer"]), config, name)
     return Deployed(model=registry.model, version=number, candidate=manifest["candidate"],
                     model_sha256=manifest["model_sha256"], runtime=runtime, input_shape=config["input_shape"],
                     classes=config["classes"], data=data, logits=logits, tokenizer=tokenizer,

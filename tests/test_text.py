@@ -22,7 +22,7 @@ from tasks.compression.methods import (METHODS, NotApplicable, StepContext, Tran
                                       dry_run, parse_step)
 from tasks.compression.quantization import OnnxClassifier, export_onnx
 from tasks.compression.transformer import prune_heads_and_mlp
-from tasks.models import ModelFileError, build_model, load_model, read_config, save_model
+from tasks.models import ModelFileError, build_model, configured_architectures, load_model, read_config, save_model
 from tasks.evaluate import measure_speeds, runner
 from tasks.params import DataParams, DistillParams, EvaluateParams, ModelParams, ParamsError, TrainParams, from_dict
 from tasks.prepare import DataError, prepare, write_prepared
@@ -325,6 +325,33 @@ def test_trimming_keeps_a_token_added_beyond_the_vocabulary_and_renumbers_it():
     new_ids = encode(trimmed, texts, 16, pad_id(trimmed_json))
     assert np.array_equal(kept[new_ids], ids) and len(kept) < 200  # the same tokens, as rows of the old embedding
     assert trimmed.encode(texts[0]).tokens == ["[CLS]", "a", "small", "<e1>", "dog", "[SEP]"]
+
+
+def test_a_model_file_whose_tokenizer_does_not_fit_its_model_is_refused_when_served(text_dir, tmp_path):
+    from tasks.serving import check_tokenizer_fits, onnx_runtime, torch_runtime
+
+    trained = train_model(text_dir, tiny_bert_params(epochs=1), role="student")
+    grown = json.loads(trained.config["tokenizer"])  # one token beyond the model's 30,522 embedding rows
+    grown["added_tokens"].append({"id": 30522, "content": "<e1>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})
+    files = {}
+    for case, tokenizer_json, pad in (("fits", trained.config["tokenizer"], 0), ("grown", json.dumps(grown), 0),
+                                      ("pads other", trained.config["tokenizer"], 5)):
+        config = dict(trained.config, tokenizer=tokenizer_json, model=dict(trained.config["model"], pad_token_id=pad))
+        save_model(trained.model, tmp_path / f"{case}.safetensors", config)
+        export_onnx(trained.model, tmp_path / f"{case}.onnx", config)
+        files[case] = [tmp_path / f"{case}.safetensors", tmp_path / f"{case}.onnx"]
+    for case, refusal in (("fits", None), ("grown", r"ids \(up to 30522\) do not fit"),
+                          ("pads other", "pads with id 0, but its model masks id 5")):
+        for path in files[case]:
+            logits, config = (torch_runtime(path, configured_architectures({}), 1) if path.suffix == ".safetensors"
+                              else onnx_runtime(path, 1))
+            tokenizer = load_tokenizer(config["tokenizer"], 16)
+            if refusal is None:
+                check_tokenizer_fits(logits, tokenizer, pad_id(config["tokenizer"]), config, path.name)
+            else:
+                with pytest.raises(ModelFileError, match=rf"^{path.name}: its tokenizer.*{refusal}"):
+                    check_tokenizer_fits(logits, tokenizer, pad_id(config["tokenizer"]), config, path.name)
 
 
 def test_trimmed_vocabulary_tokenizes_the_corpus_to_the_same_tokens_and_the_model_answers_alike(text_dir, tmp_path):
