@@ -152,6 +152,7 @@ def compress(
     chain = [Link(str(source_path), file_sha256(source_path), "source", {"model": recipe.source},
                   count_parameters(model), nonzero_parameters(model))]
     teacher = teacher_path if recipe.teacher else None
+    teacher_sha256 = file_sha256(teacher) if teacher else None
     schema = read_json(prepared_dir / "schema.json")
 
     for index, step in enumerate(recipe.steps, start=1):
@@ -179,7 +180,7 @@ def compress(
         if method.finetunes or method.needs_teacher:  # the file says how it was last trained, and from which teacher
             step_config["distill"] = dataclasses.asdict(distill_params) if teacher else None
             if teacher:
-                step_config["lineage"] = {**step_config["lineage"], "teacher_sha256": file_sha256(teacher)}
+                step_config["lineage"] = {**step_config["lineage"], "teacher_sha256": teacher_sha256}
         context = StepContext(step_config, schema["input_shape"], len(schema["classes"]), finetune=finetune,
                               train=functools.partial(train_model, prepared_dir, role=step_config["role"],
                                                       teacher_path=teacher, distill=distill_params))
