@@ -25,13 +25,12 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pandas as pd
+import torch
 from mnist_workspace import ROOT, benchmark_params, timed
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -45,9 +44,11 @@ from torch import nn
 
 from flows.stages import load_stages, topological_order
 from tasks.compress import CompressParams, compress, finetune_recipe, parse_recipe
+from tasks.compression.quantization import INPUT, OUTPUT, OnnxClassifier
+from tasks.evaluate import measure_speeds, runner, speedup
 from tasks.io import read_json
 from tasks.models import load_model, read_config
-from tasks.params import DistillParams, ModelParams, from_dict
+from tasks.params import DistillParams, EvaluateParams, ModelParams, from_dict
 from tasks.prepare import SPLITS
 from tasks.statistics import paired_comparison
 from tasks.text import normalise_text
@@ -211,37 +212,29 @@ def main() -> None:
 
 def int8_matmul_speedup(width: int, inner: int, layers: int, tokens: int, threads: int) -> float:
     """fp32 / dynamic-int8 batch-1 p50 on ONNX Runtime of the teacher's MLP matrix products alone (`layers`
-    times width -> inner -> width, `tokens` rows): int8's best case on this CPU, since the rest of a
-    transformer (attention scores, softmax, normalisation, GELU) stays fp32 and gains nothing."""
+    times width -> inner -> width, `tokens` rows), timed as evaluate times models: int8's best case on this
+    CPU, since the rest of a transformer (attention scores, softmax, normalisation, GELU) stays fp32."""
     rng = np.random.default_rng(0)
-    nodes, weights, previous = [], [], "x"
+    nodes, weights, previous = [], [], INPUT
     for i in range(layers):
         for name, shape in ((f"up{i}", (width, inner)), (f"down{i}", (inner, width))):
             weights.append(numpy_helper.from_array(rng.normal(0, 0.05, shape).astype(np.float32), name))
-            nodes.append(helper.make_node("MatMul", [previous, name], [f"{name}_out"]))
-            previous = f"{name}_out"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", width])],
-                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["rows", width])], weights)
-    x = rng.normal(size=(tokens, width)).astype(np.float32)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    p50 = {}
+            output = OUTPUT if (i, name[0]) == (layers - 1, "d") else f"{name}_out"
+            nodes.append(helper.make_node("MatMul", [previous, name], [output]))
+            previous = output
+    rows = ["batch", tokens, width]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, rows)],
+                              [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, rows)], weights)
+    X = torch.from_numpy(rng.normal(size=(100, tokens, width)).astype(np.float32))
+    params = EvaluateParams(threads=threads, rounds=3, latency_repeats=100, throughput_batch=1,
+                            throughput_repeats=1, device="cpu")
     with tempfile.TemporaryDirectory() as scratch:
         fp32, int8 = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), fp32)
         quant_pre_process(str(fp32), str(fp32))  # as the pipeline's int8 does
         quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
-        for path in (fp32, int8):
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for _ in range(20):
-                session.run(None, {"x": x})
-            calls = []
-            for _ in range(300):
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                calls.append(time.perf_counter() - start)
-            p50[path.stem] = float(np.median(calls))
-    return p50["fp32"] / p50["int8"]
+        speeds = measure_speeds({path: runner(OnnxClassifier(path, threads)) for path in (fp32, int8)}, X, params)
+    return speedup(speeds[fp32], speeds[int8])[0]
 
 
 def met(ok: bool) -> str:
